@@ -29,7 +29,7 @@ class GenerationOptions:
     chat: bool | None = None  # None: use the chat template when the model has one
     positions: Positions = "all"
     norm_preserve: bool = False
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.2  # small models loop under greedy decoding without it
 
 
 class _Cancel(StoppingCriteria):

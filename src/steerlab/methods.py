@@ -53,7 +53,7 @@ def probe(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-    lam = 1e-2
+    lam = 1.0  # strong ridge: contrast sets are small (tens of texts) next to hidden sizes (hundreds)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()

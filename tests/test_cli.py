@@ -1,0 +1,95 @@
+"""The command line, driven in-process on a tiny local model folder."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from steerlab.cli import main
+
+PERSONA = """
+name = "kittens"
+description = "cats"
+keywords = ["cat"]
+default_layers = [2]
+default_strength = 2.0
+[[pairs]]
+positive = "the cat sat on the mat and purred"
+negative = "the man sat on the mat and talked"
+[[pairs]]
+positive = "a cat in the warm sun"
+negative = "a car in the warm sun"
+"""
+
+
+@pytest.fixture
+def persona_file(tmp_path):
+    path = tmp_path / "kittens.toml"
+    path.write_text(PERSONA)
+    return path
+
+
+def run(*args, **kw):
+    result = CliRunner().invoke(main, [str(a) for a in args], **kw)
+    return result
+
+
+def test_build_generate_compare_list(tiny_dir, persona_file, tmp_path):
+    out = tmp_path / "vecs"
+    r = run("build", persona_file, "--out", out, "--model", tiny_dir, "--prompt", "the cat")
+    assert r.exit_code == 0, r.output
+    assert f"vectors folder: {out}" in r.output
+    assert "shape [64] x 4 layers, default layers [2]" in r.output and "direction norm 1.0000" in r.output
+    assert "base:" in r.output and "steered:" in r.output
+    assert (out / "kittens.safetensors").exists()
+
+    r = run("generate", "the cat", "--steer", "kittens:3", "--vectors", out, "--model", tiny_dir,
+            "--max-new-tokens", "5")
+    assert r.exit_code == 0, r.output
+    assert "kittens (strength 3.0, layers 2)" in r.output
+
+    r = run("compare", "the cat", "--steer", "kittens", "--layer", "1,3", "--vectors", out, "--model", tiny_dir,
+            "--max-new-tokens", "5")
+    assert r.exit_code == 0, r.output
+    assert "=== base ===" in r.output and "kittens (strength 2.0, layers 1,3)" in r.output
+
+    r = run("list", "--vectors", out)
+    assert r.exit_code == 0 and "kittens" in r.output and "model=" in r.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["build", "no_such_persona"], "unknown persona 'no_such_persona'"),
+        (["generate", "hi", "--steer", "nothing"], "unknown vector 'nothing'"),
+        (["generate", "hi", "--steer", "x", "--layer", "99"], "layer 99 is out of range"),
+        (["build", "missing.toml"], "no such persona file"),
+    ],
+)
+def test_user_errors_are_one_line(tiny_dir, args, message):
+    r = run(*args, "--model", tiny_dir)
+    assert r.exit_code == 1
+    assert message in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 2
+
+
+def test_mismatched_vector_is_skipped_with_a_note(tiny_dir, tmp_path):
+    import torch
+
+    from steerlab import SteeringVector
+
+    out = tmp_path / "vecs"
+    SteeringVector(directions={1: torch.ones(576)}, norms={1: 1.0}, model_id="other").save(out / "big.safetensors")
+    r = run("generate", "hi", "--steer", "big", "--vectors", out, "--model", tiny_dir)
+    assert r.exit_code == 1
+    assert "skipping big.safetensors" in r.output and "unknown vector 'big'" in r.output
+
+
+def test_bad_model_path_is_one_line(tmp_path):
+    r = run("generate", "hi", "--model", tmp_path / "nope")
+    assert r.exit_code == 1 and "could not load model" in r.output and "Traceback" not in r.output
+
+
+def test_debug_shows_traceback(tiny_dir):
+    r = run("--debug", "build", "no_such_persona", "--model", tiny_dir)
+    assert r.exit_code != 0 and r.exception is not None
