@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -96,10 +96,12 @@ def pooled_activations(
     chat: bool = False,
     progress: bool = True,
     desc: str = "activations",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, int]]]:
     """Pooled block outputs ``{layer: [N, H]}`` (fp32, CPU) and per-layer (sum of token norms, count).
 
     One batched forward pass per ``batch_size`` texts, cut after the deepest layer.
+    ``on_progress(done, total)`` is called after each batch with the number of texts done.
     """
     layers = check_layers(list(layers), lm.n_layers)
     parse_pooling(pooling)
@@ -120,6 +122,8 @@ def pooled_activations(
             norms = h.norm(dim=-1)[stat_w]
             norm_sum[layer][0] += float(norms.sum())
             norm_sum[layer][1] += int(norms.numel())
+        if on_progress is not None:
+            on_progress(min(i + batch_size, len(texts)), len(texts))
     acts = {layer: torch.cat(chunks) for layer, chunks in pooled.items()}
     return acts, {layer: (s, n) for layer, (s, n) in norm_sum.items()}
 
@@ -147,21 +151,28 @@ def build_vector(
     default_layers: Sequence[int] | None = None,
     default_strength: float = 1.0,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> SteeringVector:
     """Build a steering vector from contrast texts.
 
     ``layers``: where to compute directions (default: the middle layer); all of them come
     from the same batched passes. ``default_layers``: where the vector applies by default
     (default: all of ``layers``). ``chat=True`` renders each text as an assistant reply under
-    the chat template and pools over the reply tokens only.
+    the chat template and pools over the reply tokens only. ``on_progress(done, total)`` is
+    called after each batch with the number of contrast texts (positive + negative) done.
     """
     if not positive or not negative:
         raise SteeringError("need at least one positive and one negative text")
     layers = check_layers(list(layers) if layers is not None else [lm.n_layers // 2], lm.n_layers)
     method_name, fn = get_method(method)
     kw = dict(pooling=pooling, batch_size=batch_size, max_length=max_length, chat=chat, progress=progress)
-    pos, pos_norms = pooled_activations(lm, positive, layers, desc=f"{name} +", **kw)
-    neg, neg_norms = pooled_activations(lm, negative, layers, desc=f"{name} -", **kw)
+    total = len(positive) + len(negative)
+    pos_cb = neg_cb = None
+    if on_progress is not None:
+        pos_cb = lambda done, _n: on_progress(done, total)  # noqa: E731
+        neg_cb = lambda done, _n: on_progress(len(positive) + done, total)  # noqa: E731
+    pos, pos_norms = pooled_activations(lm, positive, layers, desc=f"{name} +", on_progress=pos_cb, **kw)
+    neg, neg_norms = pooled_activations(lm, negative, layers, desc=f"{name} -", on_progress=neg_cb, **kw)
     directions, norms = {}, {}
     for layer in layers:
         d = fn(pos[layer], neg[layer]).float()
