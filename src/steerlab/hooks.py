@@ -1,6 +1,6 @@
 """The only place that registers forward hooks on a model.
 
-Two kinds of hook, both handed out as context managers that always remove what they added:
+Kinds of hook, all handed out as context managers that always remove what they added:
 
 * :func:`steer` adds per-layer steering to decoder-block outputs. Each row of a batch may carry
   its own vectors and strengths (the server and the sweeps batch different steering together).
@@ -8,6 +8,8 @@ Two kinds of hook, both handed out as context managers that always remove what t
   the hook itself is one add (no per-step allocation beyond the result, no transfers).
 * :func:`capture` records block outputs for extraction and can stop the forward pass right
   after the deepest layer asked for, so extraction never runs layers it does not need.
+* :func:`add_at_front` adds a per-position tensor to the first positions of one block's output
+  (ActAdd's injection; used by :mod:`steerlab.actadd`).
 
 Transformers versions differ in what a decoder block returns (a tensor, or a tuple whose first
 item is the hidden state); both hooks accept either and return the same kind.
@@ -93,16 +95,30 @@ def build_deltas(
     return {layer: t.to(device=device, dtype=dtype) for layer, t in acc.items()}
 
 
+def _fit_rows(d: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Match the delta's rows to the batch (beam search / several returns expand rows)."""
+    n = hidden.shape[0]
+    if d.shape[0] == 1 or d.shape[0] == n:
+        return d
+    if n % d.shape[0]:
+        raise SteeringError(f"steering was set up for {d.shape[0]} rows but the model got a batch of {n}")
+    return d.repeat_interleave(n // d.shape[0], dim=0)
+
+
 def _make_steer_hook(delta: torch.Tensor, positions: Positions, norm_preserve: bool):
+    """A forward hook adding ``delta`` ([rows or 1, 1, hidden]) to a block's output."""
+    if positions == "all" and not norm_preserve:
+        # Hot path (every block call of every decoding step): one add, nothing else.
+        def add(module, args, output):  # noqa: ANN001, ANN202
+            if type(output) is tuple:
+                return (output[0] + _fit_rows(delta, output[0]), *output[1:])
+            return output + _fit_rows(delta, output)
+
+        return add
+
     def hook(module, args, output):  # noqa: ANN001, ANN202
         hidden = output[0] if isinstance(output, tuple) else output
-        d = delta
-        if d.shape[0] not in (1, hidden.shape[0]):
-            if hidden.shape[0] % d.shape[0]:
-                raise SteeringError(
-                    f"steering was set up for {d.shape[0]} rows but the model got a batch of {hidden.shape[0]}"
-                )
-            d = d.repeat_interleave(hidden.shape[0] // d.shape[0], dim=0)
+        d = _fit_rows(delta, hidden)
         if positions == "generated" and hidden.shape[1] > 1:
             # Prefill: leave the prompt alone, steer only the position that predicts token 1.
             new = torch.cat([hidden[:, :-1], hidden[:, -1:] + d], dim=1)
@@ -146,6 +162,47 @@ def steer(
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def add_at_front(lm, layer: int, delta: torch.Tensor) -> Iterator[None]:
+    """Add ``delta[p]`` (``delta`` is ``[n, hidden]``) to block ``layer``'s output at positions ``p < n``.
+
+    ActAdd's injection (see :mod:`steerlab.actadd`): the front of the sequence only, so cached
+    generation steps (positions >= n) are left alone. Positions are the block's ``position_ids``
+    when the model passes them, else a multi-token pass is taken to start at 0; one prompt at a
+    time, or equal-length prompts (left padding would shift the front).
+    """
+    (layer,) = check_layers([layer], lm.n_layers)
+    if delta.dim() != 2 or delta.shape[1] != lm.hidden_size:
+        raise SteeringError(f"delta must be [positions, {lm.hidden_size}], got {list(delta.shape)}")
+    d = delta.to(device=lm.device, dtype=lm.dtype)
+    n = d.shape[0]
+
+    def hook(module, args, kwargs, output):  # noqa: ANN001, ANN202
+        hidden = output[0] if isinstance(output, tuple) else output
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            if hidden.shape[1] == 1:  # a cached step: past the front when the prompt covered it
+                return output
+            pos = torch.arange(hidden.shape[1], device=hidden.device)
+        pos = pos.to(hidden.device).expand(hidden.shape[0], hidden.shape[1])
+        if int(pos.min()) == 0 and int(pos.max()) < n - 1:
+            raise SteeringError(f"the prompt has {int(pos.max()) + 1} tokens but the ActAdd steering spans {n}: "
+                                "use a longer prompt (or a single-vector pair vector)")
+        inside = (pos >= 0) & (pos < n)
+        if not bool(inside.any()):
+            return output
+        new = hidden + d[pos.clamp(0, n - 1)] * inside[..., None].to(hidden.dtype)
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        return new
+
+    handle = lm.layers[layer].register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _StopForward(Exception):

@@ -151,6 +151,8 @@ def _convert_embedded(target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if hasattr(model.config, "quantization_config"):  # the weights are dequantised now
+            del model.config.quantization_config
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "steerlab.json").write_text(json.dumps({"source": str(gguf)}))
