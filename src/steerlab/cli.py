@@ -271,3 +271,7 @@ def list_(vectors_dir) -> None:  # noqa: ANN001
 
 
 # ---- commands from other modules register here ------------------------------------------------
+
+from .sweep_command import sweep  # noqa: E402
+
+main.add_command(sweep)
