@@ -201,3 +201,21 @@ def test_real_layer_signal_finds_the_concept_in_the_middle(real_lm):
     p = get_persona("tabby_cats")
     signal = {s.layer: s for s in ev.layer_signal(real_lm, p.positive, p.negative, [1, 12])}
     assert signal[12].auc > 0.9 and signal[12].effect > 1.0
+
+
+@pytest.mark.parametrize("norm_preserve", [False, True])
+def test_generating_from_the_cached_prefill_equals_generate(tiny_lm, norm_preserve):
+    from helpers import random_vector
+
+    from steerlab import GenerationOptions, Steer, generate
+
+    vec = random_vector(tiny_lm, [1, 2])
+    prompts = ["the cat", "money saved today is money", "a computer runs", "the cat"]
+    rows = [[Steer(vec, strength=3.0, layers=(1,))], [], [Steer(vec, strength=1.0, layers=(1, 2))],
+            [Steer(vec, strength=2.0, layers=(2,))]]
+    opts = GenerationOptions(max_new_tokens=8, positions="generated", norm_preserve=norm_preserve)
+    cache = ev.PromptCache(tiny_lm, prompts)
+    assert ev.generate_from_cache(tiny_lm, cache, prompts, rows, options=opts) == generate(tiny_lm, prompts, rows,
+                                                                                           options=opts)
+    with pytest.raises(SteeringError):
+        ev.generate_from_cache(tiny_lm, cache, prompts, rows, options=GenerationOptions(positions="all"))

@@ -106,19 +106,50 @@ class PromptCache:
         self.index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         enc = lm.tokenizer([lm.format_prompt(p, chat=use_chat) for p in self.index], return_tensors="pt",
                            padding=True, padding_side="left", add_special_tokens=not use_chat)
+        self.ids = enc["input_ids"].to(lm.device)
         self.mask = enc["attention_mask"].to(lm.device)
         self.lengths = self.mask.sum(-1)
-        out = lm.model(input_ids=enc["input_ids"].to(lm.device), attention_mask=self.mask,
+        out = lm.model(input_ids=self.ids, attention_mask=self.mask,
                        position_ids=(self.mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)
         self.kv = out["cache"] if "cache" in out else out.past_key_values
         self.first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each reply's 1st token
 
-    def rows(self, prompts: Sequence[str]):  # noqa: ANN201
-        """(cache copy, prompt mask, prompt lengths, first-token log-probs) for a batch of rows."""
+    def rows(self, prompts: Sequence[str], *, drop_last: bool = False):  # noqa: ANN201
+        """(cache copy, prompt mask, prompt lengths, first-token log-probs, ids) for a batch of rows.
+
+        ``drop_last``: the cache without the prompts' last token (left padding puts every
+        prompt's last token in the last column), for generation to run that token itself.
+        """
         idx = torch.tensor([self.index[p] for p in prompts], device=self.mask.device)
         kv = copy.deepcopy(self.kv)
+        if drop_last:
+            kv.crop(-1)  # drop the last position (both transformers 4.x and 5.x read -1 so)
         kv.reorder_cache(idx)
-        return kv, self.mask[idx], self.lengths[idx], self.first_logp[idx]
+        return kv, self.mask[idx], self.lengths[idx], self.first_logp[idx], self.ids[idx]
+
+
+@torch.no_grad()
+def generate_from_cache(lm, cache: PromptCache, prompts: Sequence[str], steering: Sequence, *,
+                        options) -> list[str]:  # noqa: ANN001
+    """:func:`steerlab.generate.generate` with ``positions="generated"``, greedy, reusing the prefill.
+
+    With ``positions="generated"`` the prompt's tokens before the last one are never steered, so
+    their keys and values are the cached unsteered ones: each row runs only its last prompt
+    token (steered, as the hook steers it in a full prefill) and the new tokens.
+    """
+    from .generate import _eos_ids
+    from .hooks import steer
+
+    if options.positions != "generated" or options.temperature > 0:
+        raise SteeringError("generate_from_cache is for greedy generation with positions='generated'")
+    kv, mask, _, _, ids = cache.rows(prompts, drop_last=True)
+    tok = lm.tokenizer
+    with steer(lm, list(steering), positions="generated", norm_preserve=options.norm_preserve):
+        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=options.max_new_tokens,
+                                do_sample=False, temperature=None, top_p=None, top_k=None,
+                                pad_token_id=tok.pad_token_id, eos_token_id=_eos_ids(tok),
+                                repetition_penalty=options.repetition_penalty, **{_cache_arg(lm.model): kv})
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]]
 
 
 @torch.no_grad()
@@ -168,7 +199,7 @@ def _full_logp(lm, prompts: list[str], t_ids: list[list[int]], use_chat: bool) -
 
 def _cached_logp(lm, cache: PromptCache, prompts: list[str], t_ids: list[list[int]]) -> torch.Tensor:
     """As :func:`_full_logp`, running only the reply tokens on top of the cached prompts."""
-    kv, p_mask, p_len, first = cache.rows(prompts)
+    kv, p_mask, p_len, first, _ = cache.rows(prompts)
     width = max(len(t) for t in t_ids)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([t + [pad] * (width - len(t)) for t in t_ids], device=lm.device)
@@ -384,7 +415,11 @@ def sweep(lm, vector, cells: Sequence[Cell], *, prompts: Sequence[str], embedder
         chunk = jobs[i : i + batch_size]
         rows = [[Steer(vector, strength=cells[c].strength, layers=cells[c].layers)] if cells[c].layers
                 and cells[c].strength else [] for c, _ in chunk]
-        texts = generate(lm, [prompts[p] for _, p in chunk], rows, options=opts)
+        batch = [prompts[p] for _, p in chunk]
+        if opts.positions == "generated" and opts.temperature == 0:  # reuse the cached prompt prefill
+            texts = generate_from_cache(lm, kw["cache"], batch, rows, options=opts)
+        else:
+            texts = generate(lm, batch, rows, options=opts)
         for c in sorted({c for c, _ in chunk}):
             idx = [k for k, (cc, _) in enumerate(chunk) if cc == c]
             sub = [base.outputs[chunk[k][1]] for k in idx]
