@@ -65,7 +65,7 @@ def _choices(spec: str | None, allowed: dict[str, object], what: str) -> list:
 
 
 def _pooling_of(vec) -> tuple[str, bool]:  # noqa: ANN001
-    pooling, _, chat = (vec.pooling or "mean").partition(":chat")
+    pooling = (vec.pooling or "mean").removesuffix(":chat")
     return pooling or "mean", vec.pooling.endswith(":chat")
 
 
