@@ -1,0 +1,270 @@
+"""The app factory and the studio's routes.
+
+``create_app(lm, store, settings)`` returns a FastAPI app whose state holds the model, the
+vector store, the settings, the :class:`~steerlab.server.runner.Runner` (started and stopped
+by the app's lifespan) and the recent builds. There is no module-level state: two apps in one
+process are independent. Routes: the page, health, examples, generate/compare (JSON or
+server-sent events), vectors (list, describe, plot, build) and build status; the
+OpenAI-compatible routes live in :mod:`steerlab.server.openai_api`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import SteeringError
+from ..personas import NAME_PATTERN, available_personas
+from ..store import VectorStore
+from . import bridge
+from .builds import Builds
+from .limits import MAX_NEW_TOKENS
+from .resolve import ServerSettings, describe, label, options, plot_path, resolve_steering, unknown_vector
+from .runner import Busy, Done, GenJob, Runner
+from .schemas import BuildRequest, CompareRequest, GenerateRequest
+
+DESCRIPTION = """Activation-steering studio: compare a model's base and steered output, build persona
+vectors from contrast texts, and talk to a steered model through an OpenAI-compatible API.
+Strength is in residual-norm units (1.0 adds one typical residual norm at each applied layer)."""
+
+
+def _adds_special_tokens(tok) -> bool:  # noqa: ANN001
+    """Whether plain encoding adds tokens (a BOS) of its own; asked once, before the runner owns the tokenizer."""
+    return tok("x")["input_ids"] != tok("x", add_special_tokens=False)["input_ids"]
+
+
+def _data(name: str) -> str:
+    return resources.files("steerlab").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def create_app(lm, store: VectorStore, settings: ServerSettings | None = None) -> FastAPI:  # noqa: ANN001
+    """The studio app for a loaded model and its vectors folder."""
+    settings = settings or ServerSettings()
+    runner = Runner(lm, max_queue=settings.max_queue, max_batch_rows=settings.max_batch_rows,
+                    batch_wait_s=settings.batch_wait_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(runner.close)
+
+    app = FastAPI(title="steerlab studio", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app.state.lm = lm
+    app.state.store = store
+    app.state.settings = settings
+    app.state.runner = runner
+    app.state.builds = Builds()
+    app.state.adds_special_tokens = _adds_special_tokens(lm.tokenizer)
+    examples = json.loads(_data("examples.json"))
+    _install_error_handlers(app)
+
+    def vector_info(name: str, vec) -> dict[str, Any]:  # noqa: ANN001
+        return describe(name, vec, settings=settings, folder=store.folder)
+
+    # ---- page, health, examples -------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        html = resources.files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html)
+
+    @app.get("/health", summary="Liveness, model facts and queue state")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": lm.model_id, "device": str(lm.device),
+                "dtype": str(lm.dtype).replace("torch.", ""),
+                "n_layers": lm.n_layers, "hidden_size": lm.hidden_size, "chat_template": lm.has_chat_template,
+                "vectors": store.names(), "strength_override": settings.strength, "max_new_tokens": MAX_NEW_TOKENS,
+                "runner": runner.stats(), "builds": [b.as_dict() for b in app.state.builds.active()]}
+
+    @app.get("/examples", summary="Example prompts (the seed's list of strings; ?detail=true adds hints)")
+    def get_examples(detail: bool = False) -> list[Any]:
+        return examples if detail else [e["prompt"] for e in examples]
+
+    @app.get("/examples/precomputed", summary="Pre-computed base vs steered outputs (no model run)")
+    def precomputed() -> Response:
+        try:
+            return Response(_data("precomputed.json"), media_type="application/json")
+        except FileNotFoundError:
+            raise HTTPException(404, "no pre-computed examples: run `steerlab examples`") from None
+
+    # ---- generation -----------------------------------------------------------------------
+    def make_job(req: GenerateRequest | CompareRequest, compare: bool) -> tuple[GenJob, bridge.Channel, list]:
+        steers, applied = resolve_steering(req.steering, req.strength, store=store, lm=lm, settings=settings)
+        if compare and not steers:
+            raise HTTPException(400, "compare needs steering: name a vector (GET /vectors lists them)")
+        opts = options(req, steers, lm=lm, max_new_tokens=req.max_length, chat=req.chat)
+        channel = bridge.Channel()
+        rows = [[], steers] if compare else [steers]
+        job = GenJob(prompts=[req.prompt] * len(rows), steering=rows, options=opts, emit=channel.emit,
+                     timeout_s=settings.request_timeout_s)
+        bridge.submit(runner, job)
+        return job, channel, applied
+
+    def meta(done: Done) -> dict[str, Any]:
+        return {"batch": {"jobs": done.batch_jobs, "rows": done.batch_rows},
+                "timing": {"queued_s": round(done.queued_s, 4), "total_s": round(done.total_s, 4),
+                           "first_token_s": None if done.first_token_s is None else round(done.first_token_s, 4)}}
+
+    def stream(job: GenJob, channel: bridge.Channel, request: Request, rows: list[str], applied: list,
+               payload) -> StreamingResponse:  # noqa: ANN001
+        frames = bridge.stream_events(
+            job, channel, request, first=[bridge.sse("start", {"rows": rows, "applied": applied})],
+            delta=lambda d: bridge.sse("delta", {"row": rows[d.row], "text": d.text}),
+            done=lambda d: [bridge.sse("done", payload(d))],
+            error=lambda e: [bridge.sse("error", {"error": e.detail, "status": e.status_code})],
+        )
+        return StreamingResponse(frames, media_type="text/event-stream", headers=bridge.SSE_HEADERS)
+
+    @app.post("/generate", summary="Generate one completion (the seed's endpoint; stream=true for SSE)")
+    async def generate(req: GenerateRequest, request: Request) -> Any:
+        job, channel, applied = make_job(req, compare=False)
+
+        def payload(done: Done) -> dict[str, Any]:
+            row = done.rows[0]
+            return {"success": True, "prompt": req.prompt, "generated": row.text, "steering": label(applied),
+                    "applied": applied, "tokens": row.tokens, "finish_reason": row.finish_reason, **meta(done)}
+
+        if req.stream:
+            return stream(job, channel, request, ["generated"], applied, payload)
+        return payload(await bridge.collect(job, channel, request))
+
+    @app.post("/compare", summary="Base vs steered, in ONE batched generation (stream=true for SSE)")
+    async def compare(req: CompareRequest, request: Request) -> Any:
+        job, channel, applied = make_job(req, compare=True)
+
+        def payload(done: Done) -> dict[str, Any]:
+            base, steered = done.rows
+            return {"success": True, "prompt": req.prompt, "base": base.text, "steered": steered.text,
+                    "steering_type": label(applied), "applied": applied,
+                    "tokens": {"base": base.tokens, "steered": steered.tokens}, **meta(done)}
+
+        if req.stream:
+            return stream(job, channel, request, ["base", "steered"], applied, payload)
+        return payload(await bridge.collect(job, channel, request))
+
+    # ---- vectors and builds ---------------------------------------------------------------
+    @app.get("/vectors", summary="Loaded vectors with metadata")
+    def list_vectors() -> dict[str, Any]:
+        return {"model": lm.model_id, "n_layers": lm.n_layers, "hidden_size": lm.hidden_size,
+                "strength_override": settings.strength,
+                "vectors": [vector_info(n, store.vectors[n]) for n in store.names()]}
+
+    def _named(name: str) -> str:
+        if not NAME_PATTERN.match(name):
+            raise HTTPException(404, f"no vector named {name!r}")
+        return name
+
+    @app.get("/vectors/{name}", summary="One vector's metadata")
+    def get_vector(name: str) -> dict[str, Any]:
+        vec = store.vectors.get(_named(name))
+        if vec is None:
+            raise unknown_vector(name, store)
+        return vector_info(name, vec)
+
+    @app.get("/vectors/{name}/plot", summary="The vector's sweep plot (written by `steerlab sweep`)",
+             response_class=FileResponse)
+    def get_plot(name: str) -> FileResponse:
+        path = plot_path(store.folder, _named(name))
+        if not path.is_file():
+            raise HTTPException(404, f"no sweep plot for {name!r}: run `steerlab sweep {name}` to make one")
+        return FileResponse(path, media_type="image/png")
+
+    @app.post("/vectors", status_code=202, summary="Build a persona vector from contrast texts (background)")
+    def build_vector(req: BuildRequest) -> dict[str, Any]:
+        builds: Builds = app.state.builds
+        if builds.running(req.name):
+            raise HTTPException(409, f"{req.name!r} is being built already; follow GET /builds/<id>")
+        if not req.overwrite and (req.name in store.vectors or req.name in available_personas()):
+            raise HTTPException(409, f"a vector or persona named {req.name!r} exists already: choose another name, "
+                                     "or send \"overwrite\": true to replace it")
+        bad = [x for x in req.default_layers or () if x >= lm.n_layers]
+        if bad:
+            raise HTTPException(400, f"default_layers {bad} out of range: this model has layers 0..{lm.n_layers - 1}")
+        try:
+            build = builds.start(req, runner=runner, store=store, lm=lm, batch_size=settings.build_batch_size,
+                                 describe=vector_info)
+        except Busy as exc:
+            raise bridge.http_error(exc) from None
+        return build.as_dict()
+
+    def _build(build_id: str):  # noqa: ANN202
+        build = app.state.builds.get(build_id)
+        if build is None:
+            raise HTTPException(404, f"no build {build_id!r} (builds are kept while the server runs)")
+        return build
+
+    @app.get("/builds/{build_id}", summary="A build's state and progress (poll it)")
+    def build_status(build_id: str) -> dict[str, Any]:
+        return _build(build_id).as_dict()
+
+    @app.get("/builds/{build_id}/events", summary="A build's progress as server-sent events")
+    async def build_events(build_id: str, request: Request) -> StreamingResponse:
+        build = _build(build_id)
+
+        async def frames() -> AsyncIterator[bytes]:
+            last = None
+            while True:
+                now = build.as_dict()
+                if now != last:
+                    yield bridge.sse("progress" if not build.final else build.state, now)
+                    last = now
+                if build.final or await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(frames(), media_type="text/event-stream", headers=bridge.SSE_HEADERS)
+
+    from .openai_api import router as openai_router
+
+    app.include_router(openai_router)
+    return app
+
+
+# ---- errors: one JSON shape, {"error": message, "detail": ...} (OpenAI's shape under /v1) ----------
+def _body(request: Request, status: int, message: str, detail: Any = None) -> dict[str, Any]:
+    if request.url.path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return {"error": message, "detail": message if detail is None else detail}
+
+
+def _field(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return JSONResponse(_body(request, exc.status_code, message), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                where = err.get("loc", ("body", "?"))[-1]
+                reason = (err.get("ctx") or {}).get("error", "")
+                msg = f"malformed JSON at character {where}: {reason}".rstrip(": ")
+            else:
+                msg = f"{_field(tuple(err.get('loc', ())))}: {err.get('msg', 'invalid')}"
+            errors.append({"loc": [str(p) for p in err.get("loc", ())], "msg": msg, "type": err.get("type")})
+        message = "; ".join(dict.fromkeys(e["msg"] for e in errors[:4]))
+        return JSONResponse(_body(request, 422, message, errors), status_code=422)
+
+    @app.exception_handler(SteeringError)
+    async def steering_error(request: Request, exc: SteeringError) -> JSONResponse:
+        return JSONResponse(_body(request, 400, str(exc)), status_code=400)

@@ -1,0 +1,37 @@
+"""Run an app under a real uvicorn server in a background thread (tests, notebooks).
+
+Owns nothing but that thread: ``with serve_in_thread(app) as url:`` binds 127.0.0.1 on a free
+port, waits until the server accepts requests, and stops it (lifespan shutdown included) on
+exit. ``steerlab serve`` does not use this; it runs uvicorn in the foreground.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def serve_in_thread(app, *, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0) -> Iterator[str]:  # noqa: ANN001
+    """Yield the base URL (``http://127.0.0.1:<port>``) of ``app`` served in a thread."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="steerlab-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

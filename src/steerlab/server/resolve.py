@@ -1,0 +1,118 @@
+"""From request fields to library objects: steering entries, generation options, vector facts.
+
+Owns the rules a request's steering follows (entry strength > request strength > the
+server's STRENGTH > the vector's default; entry layers > the vector's default layers), the
+checks that need the loaded model (vector exists, layers in range and present in the vector),
+and the JSON description of a vector. Raises HTTP errors with messages a client can act on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+
+from ..errors import SteeringError
+from ..generate import GenerationOptions
+from ..hooks import Steer
+from ..layers import check_layers
+from ..personas import builtin_names
+from ..store import VectorStore
+from ..vectors import SteeringVector
+from .schemas import SteerEntry
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the app needs besides the model and the vectors."""
+
+    strength: float | None = None  # STRENGTH: replaces every vector's default strength
+    max_queue: int = 32  # waiting jobs before 503
+    max_batch_rows: int = 16  # rows (prompts) in one batched generation
+    batch_wait_s: float = 0.01  # how long the worker waits for more jobs to batch with
+    request_timeout_s: float = 120.0  # per request, queueing included
+    build_batch_size: int = 4  # contrast texts per forward pass when building (progress granularity)
+
+
+def effective_strength(vec: SteeringVector, settings: ServerSettings) -> float:
+    return settings.strength if settings.strength is not None else vec.default_strength
+
+
+def plot_path(folder: Path, name: str) -> Path:
+    return folder / f"{name}.sweep.png"
+
+
+def describe(name: str, vec: SteeringVector, *, settings: ServerSettings, folder: Path) -> dict[str, Any]:
+    """A vector's metadata for GET /vectors (tensors left out)."""
+    return {
+        "name": name,
+        "description": vec.description,
+        "model_id": vec.model_id,
+        "method": vec.method,
+        "pooling": vec.pooling,
+        "layers": vec.layers,
+        "default_layers": vec.active_layers,
+        "default_strength": effective_strength(vec, settings),
+        "stored_default_strength": vec.default_strength,
+        "positions": vec.extra.get("positions", "all"),
+        "keywords": list(vec.keywords),
+        "created_at": vec.created_at,
+        "builtin": name in builtin_names(),
+        "plot": f"/vectors/{name}/plot" if plot_path(folder, name).is_file() else None,
+    }
+
+
+def unknown_vector(name: str, store: VectorStore) -> HTTPException:
+    names = store.names()
+    return HTTPException(404, f"unknown vector {name!r}: available {', '.join(names) or 'none'} (GET /vectors lists "
+                              "them; POST /vectors builds a new one)")
+
+
+def resolve_steering(steering: list[SteerEntry] | None, strength: float | None, *, store: VectorStore, lm,
+                     settings: ServerSettings) -> tuple[list[Steer], list[dict[str, Any]]]:  # noqa: ANN001
+    """Steer items for one row, and what was applied (name, strength, layers) for the response."""
+    steers: list[Steer] = []
+    applied: list[dict[str, Any]] = []
+    for entry in steering or []:
+        vec = store.vectors.get(entry.vector)
+        if vec is None:
+            raise unknown_vector(entry.vector, store)
+        dose = next(s for s in (entry.strength, strength, effective_strength(vec, settings)) if s is not None)
+        layers = None
+        if entry.layers:
+            try:
+                layers = tuple(check_layers(list(entry.layers), lm.n_layers))
+            except SteeringError as exc:
+                raise HTTPException(400, f"{entry.vector}: {exc}") from None
+            missing = [x for x in layers if x not in vec.directions]
+            if missing:
+                raise HTTPException(400, f"{entry.vector} has no direction at layers {missing}; it has {vec.layers}")
+        steers.append(Steer(vec, strength=float(dose), layers=layers))
+        applied.append({"vector": entry.vector, "strength": float(dose),
+                        "layers": list(layers) if layers else vec.active_layers})
+    return steers, applied
+
+
+def label(applied: list[dict[str, Any]]) -> str:
+    """The seed's steering label: a name, names joined by '+', or 'none'."""
+    return "+".join(a["vector"] for a in applied) or "none"
+
+
+def options(req: Any, steers: list[Steer], *, lm, max_new_tokens: int, chat: bool | None) -> GenerationOptions:  # noqa: ANN001
+    """Generation options of a request; ``positions`` defaults to the first vector's setting."""
+    if chat and not lm.has_chat_template:
+        raise HTTPException(400, f"{lm.model_id} has no chat template: send \"chat\": false (raw completion)")
+    positions = getattr(req, "positions", None)
+    if positions is None:
+        positions = steers[0].vector.extra.get("positions", "all") if steers else "all"
+    return GenerationOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        chat=lm.has_chat_template if chat is None else chat,
+        positions=positions,
+        repetition_penalty=getattr(req, "repetition_penalty", 1.2),
+    )

@@ -1,0 +1,399 @@
+"""The runner: one worker thread owns the model; requests reach it as jobs on a bounded queue.
+
+Owns dynamic batching, per-job token limits, cancellation, time limits and exclusive calls.
+
+* A :class:`GenJob` is one request's rows (1 for generate, 2 for compare) with per-row
+  steering. Jobs waiting together whose sampling settings match (see :func:`batch_key`) run as
+  ONE batched ``generate`` with per-row steering; the batch generates up to the largest
+  ``max_new_tokens`` and each job finishes (and is answered) as soon as its own rows are done.
+  The worker waits at most ``batch_wait_s`` for company, so a lone request is not held back.
+* Sampled jobs with a ``seed`` run alone, so the same seed gives the same text.
+* A job's ``cancel`` event (client gone) or its deadline ends it at the next token; a batch
+  stops as soon as none of its jobs is still wanted.
+* :meth:`Runner.call` runs any function (a vector build) on the worker, so it never overlaps a
+  generation. Steering hooks live only inside one batch's ``generate`` (context-managed).
+
+Knows nothing about HTTP: jobs report through ``emit(event)``, called on the worker thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from ..generate import GenerationOptions, _eos_ids, encode_prompts, generate
+from ..hooks import Steer
+
+log = logging.getLogger("steerlab.server")
+
+
+class Busy(Exception):
+    """The queue is full (or the runner is closed); try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class JobTimeout(Exception):
+    """A job ran past its time limit."""
+
+
+class JobCancelled(Exception):
+    """A job was cancelled by its client."""
+
+
+# ---- events a job emits -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Delta:
+    row: int
+    text: str
+
+
+@dataclass(frozen=True)
+class RowResult:
+    text: str
+    tokens: int
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end of text) or "length" (token limit)
+
+
+@dataclass(frozen=True)
+class Done:
+    rows: list[RowResult]
+    batch_jobs: int  # jobs that shared this job's batch (itself included)
+    batch_rows: int
+    queued_s: float
+    first_token_s: float | None
+    total_s: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException
+
+
+Event = Delta | Done | Failed
+
+
+@dataclass(eq=False)
+class GenJob:
+    """One request: prompts (rows) with per-row steering and shared options."""
+
+    prompts: list[str]
+    steering: list[list[Steer]]
+    options: GenerationOptions
+    emit: Callable[[Event], None]
+    timeout_s: float = 120.0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    created: float = field(default_factory=time.monotonic)
+    finished: bool = False  # set once Done/Failed was emitted (worker thread only)
+
+    @property
+    def deadline(self) -> float:
+        return self.created + self.timeout_s
+
+    def end(self, event: Event) -> None:
+        if not self.finished:
+            self.finished = True
+            self.emit(event)
+
+
+@dataclass(eq=False)
+class _Call:
+    fn: Callable[[], Any]
+    future: Future
+
+
+def batch_key(opts: GenerationOptions) -> tuple | None:
+    """Jobs with equal keys may share a batch (max tokens: the batch takes the largest).
+
+    None: the job runs alone (sampling with a fixed seed must not depend on its neighbours).
+    """
+    sample = opts.temperature > 0
+    if sample and opts.seed is not None:
+        return None
+    return (opts.temperature, opts.top_p if sample else None, opts.chat, opts.positions, opts.norm_preserve,
+            opts.repetition_penalty)
+
+
+class _BatchStreamer(BaseStreamer):
+    """Splits a batch's new tokens back into jobs; ends each job when its rows are done."""
+
+    def __init__(self, tokenizer, slots: list[tuple[GenJob, int]], eos: set[int], stop: threading.Event,
+                 prompt_tokens: list[int], started: float, n_jobs: int) -> None:  # noqa: ANN001
+        self.tok = tokenizer
+        self.slots = slots
+        self.eos = eos
+        self.stop = stop
+        self.prompt_tokens = prompt_tokens
+        self.started = started
+        self.n_jobs = n_jobs
+        self.jobs = list(dict.fromkeys(job for job, _ in slots))
+        self.ids: list[list[int]] = [[] for _ in slots]
+        self.sent = [""] * len(slots)
+        self.reason: list[str | None] = [None] * len(slots)
+        self.first_token: dict[GenJob, float] = {}
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        now = time.monotonic()
+        self._check_alive(now)
+        for r, t in enumerate(value.reshape(len(self.slots), -1)[:, -1].tolist()):
+            job, _ = self.slots[r]
+            if job.finished or self.reason[r]:
+                continue
+            if t in self.eos:
+                self.reason[r] = "stop"
+            else:
+                self.ids[r].append(t)
+                self.first_token.setdefault(job, now)
+                self._emit_delta(r)
+                if len(self.ids[r]) >= job.options.max_new_tokens:
+                    self.reason[r] = "length"
+        for job in self.jobs:
+            if not job.finished and all(self.reason[r] for r, (j, _) in enumerate(self.slots) if j is job):
+                self._finish(job)
+        if all(job.finished for job in self.jobs):
+            self.stop.set()
+
+    def end(self) -> None:
+        pass
+
+    def _emit_delta(self, r: int) -> None:
+        text = self.tok.decode(self.ids[r], skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more
+            return
+        delta, self.sent[r] = text[len(self.sent[r]):], text
+        if delta:
+            job, row = self.slots[r]
+            job.emit(Delta(row, delta))
+
+    def _check_alive(self, now: float) -> None:
+        for job in self.jobs:
+            if job.finished:
+                continue
+            if job.cancel.is_set():
+                job.end(Failed(JobCancelled("cancelled by the client")))
+            elif now > job.deadline:
+                job.end(Failed(JobTimeout(f"generation ran past the {job.timeout_s:g} s limit; "
+                                          "ask for fewer tokens or try again when the server is less busy")))
+
+    def _finish(self, job: GenJob) -> None:
+        rows = []
+        for r, (j, _) in enumerate(self.slots):
+            if j is job:
+                text = self.tok.decode(self.ids[r], skip_special_tokens=True)
+                if text.startswith(self.sent[r]) and len(text) > len(self.sent[r]):  # flush a held-back tail
+                    job.emit(Delta(self.slots[r][1], text[len(self.sent[r]):]))
+                    self.sent[r] = text
+                rows.append(RowResult(text=text.strip(), tokens=len(self.ids[r]), prompt_tokens=self.prompt_tokens[r],
+                                      finish_reason=self.reason[r] or "length"))
+        now = time.monotonic()
+        first = self.first_token.get(job)
+        job.end(Done(rows=rows, batch_jobs=self.n_jobs, batch_rows=len(self.slots),
+                     queued_s=self.started - job.created, first_token_s=None if first is None else first - job.created,
+                     total_s=now - job.created))
+
+    def close(self, error: BaseException | None) -> None:
+        """After ``generate`` returned (or raised): answer every job still open."""
+        self._check_alive(time.monotonic())
+        for job in self.jobs:
+            if error is not None:
+                job.end(Failed(error))
+            else:
+                for r, (j, _) in enumerate(self.slots):
+                    if j is job and not self.reason[r]:
+                        self.reason[r] = "length" if len(self.ids[r]) >= job.options.max_new_tokens else "stop"
+                self._finish(job)
+
+
+class Runner:
+    """The worker thread that owns ``lm``. ``start()`` it, ``submit()`` jobs, ``close()`` it."""
+
+    def __init__(self, lm, *, max_queue: int = 32, max_batch_rows: int = 16,
+                 batch_wait_s: float = 0.01) -> None:  # noqa: ANN001
+        self.lm = lm
+        self.max_queue = max_queue
+        self.max_batch_rows = max_batch_rows
+        self.batch_wait_s = batch_wait_s
+        self._eos = set(_eos_ids(lm.tokenizer))
+        self._pending: collections.deque[GenJob | _Call] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._busy = False
+        self._stop_current: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._counts = collections.Counter()
+        self._batch_sizes: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)
+        self._batch_secs: collections.deque[float] = collections.deque(maxlen=16)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="steerlab-runner", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Refuse new work, fail what is queued, stop the running batch, join the worker."""
+        with self._cv:
+            self._closed = True
+            dropped = list(self._pending)
+            self._pending.clear()
+            if self._stop_current is not None:
+                self._stop_current.set()
+            self._cv.notify_all()
+        for item in dropped:
+            self._fail(item, Busy("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- submitting ---------------------------------------------------------------------
+    def submit(self, job: GenJob) -> None:
+        """Queue a generation job; raise :class:`Busy` when the queue is full."""
+        self._enqueue(job)
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn()`` on the worker, between batches; the future gets its result."""
+        item = _Call(fn, Future())
+        self._enqueue(item)
+        return item.future
+
+    def _enqueue(self, item: GenJob | _Call) -> None:
+        with self._cv:
+            if self._closed:
+                raise Busy("the server is shutting down")
+            waiting = sum(1 for x in self._pending if not (isinstance(x, GenJob) and x.cancel.is_set()))
+            if waiting >= self.max_queue:
+                self._counts["refused"] += 1
+                raise Busy(f"the server is busy ({waiting} requests waiting); try again shortly",
+                           retry_after=self._retry_after(waiting))
+            self._pending.append(item)
+            self._cv.notify_all()
+
+    def _retry_after(self, waiting: int) -> int:
+        per_batch = sum(self._batch_secs) / len(self._batch_secs) if self._batch_secs else 2.0
+        return max(1, math.ceil(per_batch * (1 + waiting / max(1, self.max_batch_rows))))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /health and tests: queue depth, batches, jobs, cancellations."""
+        with self._cv:
+            pending = len(self._pending)
+        return {"pending": pending, "max_queue": self.max_queue, "busy": self._busy,
+                "max_batch_rows": self.max_batch_rows, **dict(self._counts),
+                "recent_batches": [{"jobs": j, "rows": r} for j, r in self._batch_sizes]}
+
+    # ---- the worker ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                first = self._pending.popleft()
+                self._busy = True
+            try:
+                if isinstance(first, _Call):
+                    self._run_call(first)
+                elif self._usable(first):
+                    self._run_batch(self._gather(first))
+            except Exception:  # never let the worker die: the failure was reported to the job
+                log.exception("runner: unexpected error")
+            finally:
+                self._busy = False
+
+    def _usable(self, job: GenJob) -> bool:
+        if job.cancel.is_set():
+            self._counts["cancelled"] += 1
+            job.end(Failed(JobCancelled("cancelled by the client")))
+            return False
+        if time.monotonic() > job.deadline:
+            self._counts["timed_out"] += 1
+            job.end(Failed(JobTimeout(f"the request waited past its {job.timeout_s:g} s limit; try again")))
+            return False
+        return True
+
+    def _gather(self, first: GenJob) -> list[GenJob]:
+        """``first`` plus compatible jobs that are waiting or arrive within ``batch_wait_s``."""
+        batch, rows = [first], len(first.prompts)
+        key = batch_key(first.options)
+        if key is None:
+            return batch
+        until = time.monotonic() + self.batch_wait_s
+        with self._cv:
+            while True:
+                for item in list(self._pending):
+                    if (isinstance(item, GenJob) and batch_key(item.options) == key
+                            and rows + len(item.prompts) <= self.max_batch_rows):
+                        self._pending.remove(item)
+                        if self._usable(item):
+                            batch.append(item)
+                            rows += len(item.prompts)
+                left = until - time.monotonic()
+                if left <= 0 or rows >= self.max_batch_rows or self._closed:
+                    return batch
+                self._cv.wait(left)
+
+    def _run_batch(self, batch: list[GenJob]) -> None:
+        prompts, steering, slots = [], [], []
+        for job in batch:
+            for r, (prompt, row) in enumerate(zip(job.prompts, job.steering, strict=True)):
+                prompts.append(prompt)
+                steering.append(list(row))
+                slots.append((job, r))
+        opts = replace(batch[0].options, max_new_tokens=max(j.options.max_new_tokens for j in batch))
+        stop = threading.Event()
+        with self._cv:
+            self._stop_current = stop
+            if self._closed:
+                stop.set()
+        started = time.monotonic()
+        mask = encode_prompts(self.lm, prompts, opts.chat)["attention_mask"]
+        streamer = _BatchStreamer(self.lm.tokenizer, slots, self._eos, stop, mask.sum(dim=1).tolist(),
+                                  started, len(batch))
+        self._batch_sizes.append((len(batch), len(slots)))
+        self._counts["batches"] += 1
+        self._counts["jobs"] += len(batch)
+        error: BaseException | None = None
+        try:
+            generate(self.lm, prompts, steering, options=opts, streamer=streamer, cancel=stop)
+        except Exception as exc:  # reported to every job of the batch
+            log.exception("runner: generation failed")
+            error = exc
+        finally:
+            with self._cv:
+                self._stop_current = None
+        streamer.close(error)
+        for job in batch:
+            if job.cancel.is_set():
+                self._counts["cancelled"] += 1
+        self._batch_secs.append(time.monotonic() - started)
+
+    def _run_call(self, item: _Call) -> None:
+        if not item.future.set_running_or_notify_cancel():
+            return
+        self._counts["calls"] += 1
+        try:
+            item.future.set_result(item.fn())
+        except BaseException as exc:  # the caller reads it from the future
+            item.future.set_exception(exc)
+
+    def _fail(self, item: GenJob | _Call, error: BaseException) -> None:
+        if isinstance(item, GenJob):
+            item.end(Failed(error))
+        elif item.future.set_running_or_notify_cancel():
+            item.future.set_exception(error)
