@@ -275,3 +275,8 @@ def list_(vectors_dir) -> None:  # noqa: ANN001
 from .sweep_command import sweep  # noqa: E402
 
 main.add_command(sweep)
+
+from .server.command import examples, serve  # noqa: E402
+
+main.add_command(serve)
+main.add_command(examples)
