@@ -122,7 +122,7 @@ def test_sweep_command_writes_files_and_round_trips_metadata(tiny_dir, tiny_embe
 
     r = run(*args)
     assert r.exit_code == 0, r.output
-    for name in ("cells.csv", "cells.json", "generations.jsonl", "heatmap.png", "strength.png", "sweep.png"):
+    for name in ("cells.csv", "cells.json", "generations.jsonl", "heatmap.png", "strength.png", "dose.png", "sweep.png"):
         assert (out / name).stat().st_size > 0, name
     with (out / "cells.csv").open() as f:
         table = list(csv.DictReader(f))

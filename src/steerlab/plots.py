@@ -140,6 +140,36 @@ def strength_plot(rows: Sequence[SweepRow], best: SweepRow | None, path: str | P
     return _save(fig, path)
 
 
+def dose_plot(rows: Sequence[SweepRow], best: SweepRow | None, path: str | Path, *, title: str = "") -> Path:
+    """Combined score against *total* dose (strength x number of layers), one line per layer row.
+
+    Puts single layers and multi-layer groups on one axis: a group of five at 0.1 adds as much
+    as one layer at 0.5. One panel per setting.
+    """
+    settings = _settings(rows)
+    fig = _figure(min(5.2 * len(settings), 16.0) + 0.8, 4.2)
+    axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
+    for ax, setting in zip(axes, settings):
+        labels, _, cells = _grid(rows, setting)
+        for k, label in enumerate(labels):
+            curve = sorted((r for (lab, _), r in cells.items() if lab == label), key=lambda r: r.strength)
+            xs = [r.strength * len(r.layers) for r in curve]
+            style = "-o" if len(curve[0].layers) == 1 else "--s"
+            ax.plot(xs, [r.score for r in curve], style, color=_COLORS[k % len(_COLORS)], label=label)
+        if best is not None and best.setting == setting:
+            ax.plot([best.strength * len(best.layers)], [best.score], "*", ms=16, color="#ff2d2d", label="chosen")
+        ax.set_xscale("log")
+        ax.set_xlabel("total dose (strength x layers, log scale)")
+        ax.set_title(f"combined S [{setting}]" if setting else "combined S", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("combined score S")
+    axes[0].legend(fontsize=8, title="layer(s)", title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
 def summary_figure(rows: Sequence[SweepRow], best: SweepRow, path: str | Path, *, title: str = "") -> Path:
     """The one picture for a vector page: combined-score heatmap and the curves at the best layer."""
     labels, strengths, _ = _grid(rows, best.setting)

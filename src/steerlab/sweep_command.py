@@ -264,6 +264,7 @@ def _write(out_dir: Path, rows, best, summary: dict, signal, title: str) -> list
                                     **o.__dict__}, ensure_ascii=False) + "\n")
     figs = [plots.heatmap(rows, best, out_dir / "heatmap.png", title=title),
             plots.strength_plot(rows, best, out_dir / "strength.png", title=title),
+            plots.dose_plot(rows, best, out_dir / "dose.png", title=title),
             plots.summary_figure(rows, best, out_dir / "sweep.png", title=title + f" | chosen: layer(s) "
                                  f"{best.label}, strength {best.strength:g}")]
     return [csv_path, json_path, gen_path, *figs]
