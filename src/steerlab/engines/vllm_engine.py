@@ -1,0 +1,366 @@
+"""Generate on vLLM with per-request steerlab steering inside vLLM's dynamic batch.
+
+Owns two things: the translation of one row of steerlab steering (vectors, strengths, layers,
+positions) into the request payload of the vllm-lens plugin, and :class:`VLLMEngine`, a thin
+wrapper over vLLM's offline ``LLM`` with the contract of :func:`steerlab.generate.generate`.
+Does not own building vectors (the transformers engine does), nor HTTP serving. ``vllm`` is
+imported only when an engine is created; the payload functions need neither vllm nor vllm-lens.
+
+How a steerlab dose maps onto vllm-lens 1.3.0 (read from its ``_worker_ext.py``; pinned by
+``tests/test_vllm.py``; details in ``docs/vllm.md``):
+
+* layer: vllm-lens hooks the *output* of decoder module ``model.layers.{i}`` and calls it layer
+  ``i``, as steerlab does (steerlab layer ``i`` = Hugging Face ``hidden_states[i + 1]``). So the
+  index passes through unchanged; adding 1 (the ``hidden_states`` habit) would be wrong.
+* dose: with ``norm_match=False`` vllm-lens adds ``activations[k] * scale``. Each (vector, layer)
+  becomes one plugin vector holding the stored direction with ``scale = strength * norm[layer]``
+  (or the absolute ``scale``): exactly :meth:`SteeringVector.deltas`. ``norm_match=True`` would
+  rescale to every token's own residual norm, a different unit, so it is never used.
+* positions ``all``: 2-D activations, which vllm-lens adds at every token of the request, prompt
+  and generated. ``generated`` (the last prompt position, then every new token) cannot be
+  said with a vllm-lens 1.3.0 vector (see :class:`GeneratedPositions`), so it travels as a
+  vllm-lens hook doing steerlab's arithmetic.
+* prefix cache: every steered request gets a unique ``cache_salt`` (:func:`steered_cache_salt`),
+  or its steered prompt KV blocks would be reused by later plain requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError, SteeringError
+from ..generate import GenerationOptions, _eos_ids
+from ..hooks import Positions, RowSteering, as_steer, steering_rows
+from ..layers import check_layers
+from ..models import resolve_model_source
+
+__all__ = [
+    "GeneratedPositions", "VLLMEngine", "row_deltas", "steered_cache_salt", "steering_extra_args",
+    "steering_vectors", "vllm_xargs",
+]
+
+INSTALL_HINT = "install the vLLM extra first: `bash scripts/install_vllm.sh`, then use .venv-vllm/bin/python"
+
+
+# ---- payload translation (no vllm needed) --------------------------------------------------
+def steering_vectors(row: RowSteering, *, n_layers: int, hidden_size: int) -> list[dict[str, Any]]:
+    """One row's steering as vllm-lens ``SteeringVector`` fields, applied at every position.
+
+    One dict per (vector, layer): the stored direction (fp32, CPU) as 2-D ``activations``, the
+    layer unchanged, ``scale = strength * norm[layer]`` (or the absolute scale), ``norm_match``
+    False. vllm-lens adds ``activations * scale``: bit for bit :meth:`SteeringVector.deltas`.
+    """
+    out: list[dict[str, Any]] = []
+    for item in row:
+        st = as_steer(item)
+        vec = _check_vector(st.vector, hidden_size)
+        layers = check_layers(list(st.layers), n_layers) if st.layers else None
+        use = list(vec.deltas(strength=st.strength, scale=st.scale, layers=layers))  # validates layers
+        strength = vec.default_strength if st.strength is None else st.strength
+        for layer in check_layers(use, n_layers):
+            scale = st.scale if st.scale is not None else strength * vec.norms[layer]
+            out.append({"activations": vec.directions[layer].detach().to("cpu", torch.float32)[None],
+                        "layer_indices": [layer], "scale": float(scale), "norm_match": False,
+                        "position_indices": None})
+    return out
+
+
+def row_deltas(row: RowSteering, *, n_layers: int, hidden_size: int) -> dict[int, torch.Tensor]:
+    """Per layer, the sum of one row's deltas (fp32, CPU), as :func:`steerlab.hooks.build_deltas`."""
+    acc: dict[int, torch.Tensor] = {}
+    for item in row:
+        st = as_steer(item)
+        _check_vector(st.vector, hidden_size)
+        layers = check_layers(list(st.layers), n_layers) if st.layers else None
+        for layer, d in st.vector.deltas(strength=st.strength, scale=st.scale, layers=layers).items():
+            (layer,) = check_layers([layer], n_layers)
+            acc[layer] = acc.get(layer, torch.zeros(hidden_size)) + d.float()
+    return acc
+
+
+def _check_vector(vec, hidden_size: int):  # noqa: ANN001, ANN202
+    if vec.hidden_size != hidden_size:
+        raise SteeringError(f"vector {vec.name} has hidden size {vec.hidden_size}, the model {hidden_size}: "
+                            f"it was built for {vec.model_id}")
+    return vec
+
+
+class GeneratedPositions:
+    """A vllm-lens hook function adding ``deltas[layer]`` at absolute positions >= ``first``.
+
+    steerlab's ``positions="generated"``: ``first`` is the last prompt position, so the prompt
+    is left alone except the position that predicts the first new token, then every new token
+    is steered. vllm-lens 1.3.0 cannot express this with a ``SteeringVector``: its 3-D
+    (position-indexed) form takes every forward chunk to start at position 0 (it reads
+    ``seq_lens`` from the per-layer metadata *dict*), so decode steps are never steered. This
+    hook counts the tokens each layer has seen for its request instead (one instance per
+    request; exact under chunked prefill).
+    """
+
+    def __init__(self, deltas: dict[int, torch.Tensor], first: int) -> None:
+        self.deltas = {int(k): v.detach().to("cpu", torch.float32) for k, v in deltas.items()}
+        self.first = int(first)
+        self._seen: dict[int, int] = {}
+        self._cast: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"deltas": self.deltas, "first": self.first}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["deltas"], state["first"])
+
+    def __call__(self, ctx, hidden: torch.Tensor) -> torch.Tensor | None:  # noqa: ANN001
+        layer = int(ctx.layer_idx)
+        start = self._seen.get(layer, 0)
+        n = int(hidden.shape[0])
+        self._seen[layer] = start + n
+        lo = max(self.first - start, 0)
+        if layer not in self.deltas or lo >= n:
+            return None
+        key = (layer, hidden.dtype, hidden.device)
+        if key not in self._cast:
+            self._cast[key] = self.deltas[layer].to(device=hidden.device, dtype=hidden.dtype)
+        out = hidden.clone()
+        out[lo:] += self._cast[key]
+        return out
+
+
+def steering_extra_args(
+    row: RowSteering,
+    *,
+    n_layers: int,
+    hidden_size: int,
+    positions: Positions = "all",
+    prompt_tokens: int | None = None,
+) -> dict[str, Any]:
+    """One row's steering as vLLM ``SamplingParams.extra_args`` for vllm-lens (``{}``: none).
+
+    ``positions="all"``: ``{"apply_steering_vectors": steering_vectors(...)}``.
+    ``positions="generated"``: ``{"apply_hooks": [...]}`` with a :class:`GeneratedPositions`
+    hook; needs the prompt's token count (``prompt_tokens``).
+    """
+    if positions not in ("all", "generated"):
+        raise SteeringError(f"positions must be 'all' or 'generated', not {positions!r}")
+    if positions == "all":
+        svs = steering_vectors(row, n_layers=n_layers, hidden_size=hidden_size)
+        return {"apply_steering_vectors": svs} if svs else {}
+    if prompt_tokens is None or prompt_tokens < 1:
+        raise SteeringError("positions='generated' on vLLM needs prompt_tokens (the prompt's token count, >= 1)")
+    deltas = row_deltas(row, n_layers=n_layers, hidden_size=hidden_size)
+    if not deltas:
+        return {}
+    return {"apply_hooks": [{"fn": GeneratedPositions(deltas, prompt_tokens - 1), "layer_indices": sorted(deltas),
+                             "pre": False}]}
+
+
+def steered_cache_salt() -> str:
+    """A fresh ``cache_salt`` for one steered request (send it with every steered request).
+
+    vllm-lens makes a steered request skip *reading* vLLM's prefix cache, but its prompt KV
+    blocks, computed with steering, are still *written* there under the plain tokens' hash: a
+    later unsteered request with the same prompt prefix would reuse them and come out steered.
+    A unique salt gives them a hash nobody else asks for. (Over HTTP: the body's ``cache_salt``.)
+    """
+    return f"steerlab-{uuid.uuid4().hex}"
+
+
+def _encode_tensor(t: torch.Tensor) -> dict[str, Any]:
+    """vllm-lens's tensor wire form, uncompressed float32 (its decoder accepts both)."""
+    arr = t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
+    return {"data": base64.b64encode(arr.tobytes()).decode("ascii"), "dtype": "float32",
+            "original_dtype": "torch.float32", "shape": list(arr.shape)}
+
+
+def vllm_xargs(extra_args: dict[str, Any]) -> dict[str, str]:
+    """:func:`steering_extra_args` as the ``vllm_xargs`` of an HTTP request to ``vllm serve``.
+
+    vLLM passes only strings and numbers through ``vllm_xargs``, so each list travels as one
+    JSON string (vllm-lens decodes it). Vectors need nothing but this module. Hooks
+    (``positions="generated"``) travel cloudpickled: the server must have steerlab installed
+    and accept pickled code from its clients (vllm-lens does by default; trusted clients only).
+    """
+    out: dict[str, str] = {}
+    if svs := extra_args.get("apply_steering_vectors"):
+        out["apply_steering_vectors"] = json.dumps([{**d, "activations": _encode_tensor(d["activations"])} for d in svs])
+    if hooks := extra_args.get("apply_hooks"):
+        import cloudpickle
+
+        out["apply_hooks"] = json.dumps([
+            {**h, "fn": {"cloudpickle": base64.b64encode(cloudpickle.dumps(h["fn"])).decode("ascii")}} for h in hooks
+        ])
+    return out
+
+
+# ---- the engine ------------------------------------------------------------------------------
+def _default_dtype() -> str:
+    """steerlab's rule: bfloat16 on CUDA, float32 on CPU (so both engines run the same dtype)."""
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+class VLLMEngine:
+    """vLLM's offline ``LLM`` on one model, generating with per-row steerlab steering.
+
+    ``model``: None for the embedded SmolLM2 (its converted safetensors folder), else a local
+    folder or a Hugging Face id. ``kv_cache_gib`` sets ``VLLM_CPU_KVCACHE_SPACE`` for the CPU
+    build (default 1 GiB when unset; ignored on GPUs, use ``gpu_memory_utilization``).
+    ``engine_args`` go to ``vllm.LLM`` unchanged (e.g. ``{"enable_prefix_caching": False}``).
+    vLLM starts its engine in a child process: scripts using this need an
+    ``if __name__ == "__main__":`` guard.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        seed: int = 0,
+        kv_cache_gib: int | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = None,
+        engine_args: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ModelLoadError(f"vLLM is not installed in this environment: {INSTALL_HINT}") from None
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.source, self.model_id = resolve_model_source(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source)
+        config = AutoConfig.from_pretrained(self.source)
+        text_config = getattr(config, "text_config", None) or config
+        self.n_layers = int(text_config.num_hidden_layers)
+        self.hidden_size = int(text_config.hidden_size)
+        self.eos_ids = _eos_ids(self.tokenizer)
+        if kv_cache_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))  # vLLM reads whole GiB
+        else:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        kwargs: dict[str, Any] = dict(
+            model=self.source, tokenizer=self.source, dtype=_default_dtype() if dtype == "auto" else dtype,
+            max_model_len=max_model_len, seed=seed, tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+        )
+        if gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs.update(engine_args or {})
+        self.dtype = kwargs["dtype"]
+        self.llm = LLM(**kwargs)
+
+    # ---- prompts ---------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, prompt: str, *, chat: bool | None = None) -> list[int]:
+        """Token ids exactly as :func:`steerlab.generate.encode_prompts` makes them (no padding)."""
+        use_chat = self.has_chat_template if chat is None else chat
+        if use_chat:
+            if not self.has_chat_template:
+                raise ModelLoadError(f"{self.model_id} has no chat template; use raw completion (chat=False)")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        else:
+            text = prompt
+        return list(self.tokenizer(text, add_special_tokens=not use_chat)["input_ids"])
+
+    # ---- requests --------------------------------------------------------------------------
+    def extra_args(self, row: RowSteering, *, positions: Positions = "all", prompt_tokens: int | None = None
+                   ) -> dict[str, Any]:
+        """:func:`steering_extra_args` for this model."""
+        return steering_extra_args(row, n_layers=self.n_layers, hidden_size=self.hidden_size,
+                                   positions=positions, prompt_tokens=prompt_tokens)
+
+    def sampling_params(self, options: GenerationOptions, extra_args: dict[str, Any] | None = None):  # noqa: ANN201
+        """vLLM ``SamplingParams`` matching steerlab's generation options (greedy at temperature 0)."""
+        from vllm import SamplingParams
+
+        if options.norm_preserve:
+            raise SteeringError("norm_preserve is not available on the vLLM engine; use the transformers engine")
+        sample = options.temperature > 0
+        return SamplingParams(
+            max_tokens=options.max_new_tokens,
+            temperature=options.temperature if sample else 0.0,
+            top_p=options.top_p if sample else 1.0,
+            seed=options.seed,
+            repetition_penalty=options.repetition_penalty,
+            stop_token_ids=self.eos_ids,
+            skip_special_tokens=True,
+            extra_args=dict(extra_args) if extra_args else None,
+        )
+
+    def requests(
+        self, prompts: Sequence[str], steering: Sequence[RowSteering] | RowSteering | None, options: GenerationOptions
+    ) -> tuple[list[dict[str, Any]], list[Any]]:
+        """(vLLM prompts, SamplingParams) for a batch; one steering row per prompt, or one shared."""
+        rows = steering_rows(steering, len(prompts))
+        if len(rows) == 1 and len(prompts) != 1:
+            rows = rows * len(prompts)
+        vllm_prompts, params = [], []
+        for prompt, row in zip(prompts, rows):
+            ids = self.encode(prompt, chat=options.chat)
+            extra = self.extra_args(row, positions=options.positions, prompt_tokens=len(ids))
+            vllm_prompt: dict[str, Any] = {"prompt_token_ids": ids}
+            if extra:  # keep its steered KV blocks out of everyone else's prefix cache
+                vllm_prompt["cache_salt"] = steered_cache_salt()
+            vllm_prompts.append(vllm_prompt)
+            params.append(self.sampling_params(options, extra))
+        return vllm_prompts, params
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        steering: Sequence[RowSteering] | RowSteering | None = None,
+        *,
+        options: GenerationOptions | None = None,
+    ) -> list[str]:
+        """One completion per prompt, all prompts submitted together to vLLM's scheduler.
+
+        ``steering`` as for :func:`steerlab.generate.generate`: None, one list for every row,
+        or one list per row (an empty list leaves that row unsteered).
+        """
+        return [self.decode(ids) for ids in self.generate_ids(prompts, steering, options=options)]
+
+    def generate_ids(
+        self,
+        prompts: str | Sequence[str],
+        steering: Sequence[RowSteering] | RowSteering | None = None,
+        *,
+        options: GenerationOptions | None = None,
+    ) -> list[list[int]]:
+        """Like :meth:`generate`, returning the generated token ids (stop token dropped)."""
+        opts = options or GenerationOptions()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            return []
+        vllm_prompts, params = self.requests(prompts, steering, opts)
+        outs = self.llm.generate(vllm_prompts, params, use_tqdm=False)
+        eos = set(self.eos_ids)
+        return [[t for t in out.outputs[0].token_ids if t not in eos] for out in outs]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text as steerlab's engine returns it (special tokens skipped, stripped)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    def close(self) -> None:
+        """Stop vLLM's engine process (also happens when the object is garbage-collected)."""
+        llm = getattr(self, "llm", None)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
