@@ -374,8 +374,9 @@ def test_serve_command_honours_env(tiny_dir, tmp_path):
     """`steerlab serve` in a subprocess: HOST, PORT and STRENGTH from the environment."""
     import os
     import socket
+    import sys
 
-    exe = shutil.which("steerlab") or os.path.join(os.path.dirname(os.sys.executable), "steerlab")
+    exe = shutil.which("steerlab") or os.path.join(os.path.dirname(sys.executable), "steerlab")
     folder = tmp_path / "vecs"
     lm = load_model(str(tiny_dir), device="cpu")
     make_store(lm, folder)

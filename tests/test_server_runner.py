@@ -55,6 +55,8 @@ def test_jobs_waiting_together_run_as_one_batch_with_their_own_steering(runner, 
     vec = random_vector(tiny_lm, [1, 2], strength=3.0)
     specs = [(["the cat sat"], [[]], 3), (["the cat sat", "the cat sat"], [[], [Steer(vec)]], 8),
              (["money saved"], [[Steer(vec, strength=-2.0)]], 5)]
+    # Reference runs first: once the worker runs, only the worker may touch the model.
+    alone = [generate(tiny_lm, p, s, options=GenerationOptions(max_new_tokens=n, chat=False)) for p, s, n in specs]
     gate = hold(runner)
     jobs = []
     for prompts, steering, n in specs:
@@ -63,9 +65,8 @@ def test_jobs_waiting_together_run_as_one_batch_with_their_own_steering(runner, 
     gate.set()
     done = [result(q) for _, q in jobs]
     assert all(isinstance(d, Done) and (d.batch_jobs, d.batch_rows) == (3, 4) for d in done)
-    for (prompts, steering, n), d in zip(specs, done, strict=True):
-        alone = generate(tiny_lm, prompts, steering, options=GenerationOptions(max_new_tokens=n, chat=False))
-        assert [r.text for r in d.rows] == alone
+    for (_, _, n), d, ref in zip(specs, done, alone, strict=True):
+        assert [r.text for r in d.rows] == ref
         assert all(r.tokens <= n for r in d.rows)
     assert runner.stats()["recent_batches"][-1] == {"jobs": 3, "rows": 4}
 
