@@ -78,8 +78,9 @@ def _pooling_of(vec) -> tuple[str, bool]:  # noqa: ANN001
 @click.option("--strengths", default="0.15,0.25,0.35,0.5,0.7", show_default=True, metavar="LIST",
               help="Strengths per layer, in units of the layer's typical residual norm.")
 @click.option("--prompts", "n_prompts", default=30, show_default=True, type=click.IntRange(1, 10_000),
-              help="How many of the shipped held-out neutral prompts to generate from.")
-@click.option("--max-new-tokens", default=40, show_default=True, type=click.IntRange(1, 1024))
+              help="How many of the 40 shipped held-out neutral prompts to generate from.")
+@click.option("--max-new-tokens", default=40, show_default=True, type=click.IntRange(1, 1024),
+              help="Tokens generated per reply (greedy).")
 @click.option("--positions", default=None, metavar="all|generated|all,generated",
               help="Steer every position or only generated tokens; a comma list compares them "
                    "(default: the vector's setting, else all).")
