@@ -487,7 +487,7 @@ def bench_profile(args) -> str:  # noqa: ANN001
 
 
 # ---- main ----------------------------------------------------------------------------------------
-ORDER = ["machine", "gen", "build", "server", "cold", "profile", "commands"]
+ORDER = ["machine", "notes", "gen", "build", "server", "cold", "profile", "commands"]
 
 
 def sub(key: str) -> tuple[str, str]:
@@ -520,6 +520,19 @@ def write_results(path: Path, fresh: dict[str, str]) -> None:
     path.write_text(new)
 
 
+def read_sections(path: Path) -> dict[str, str]:
+    text = path.read_text() if path.exists() else ""
+    if START not in text or END not in text:
+        return {}
+    ours = text.split(START, 1)[1].split(END, 1)[0]
+    out = {}
+    for key in ORDER:
+        a, b = sub(key)
+        if a in ours and b in ours:
+            out[key] = ours.split(a, 1)[1].split(b, 1)[0].strip("\n")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="gen,build,server,cold,profile")
@@ -531,7 +544,17 @@ def main() -> None:
     ap.add_argument("--cold-cached", type=int, default=2)
     ap.add_argument("--slow", action="store_true", help="build: also steering-vectors at its default batch size 1")
     ap.add_argument("--out", default=str(BENCH / "results.md"))
+    ap.add_argument("--merge", nargs="+", default=None, metavar="FILE",
+                    help="run nothing: copy the sections of these results files (from runs with --out) into --out")
     args = ap.parse_args()
+    if args.merge:
+        fresh = {}
+        for f in args.merge:
+            fresh.update({k: v for k, v in read_sections(Path(f)).items() if k not in ("machine", "commands")
+                          or k not in fresh})
+        write_results(Path(args.out), fresh)
+        log(f"merged {len(fresh)} sections into {args.out}")
+        return
     only = args.only.split(",")
     mach = machine()
     cmd("python bench/run.py " + " ".join(sys.argv[1:]))
