@@ -567,6 +567,12 @@ def main() -> None:
     def cmds_since(n: int) -> str:
         return "\nCommands:\n\n```\n" + "\n".join(COMMANDS[n:]) + "\n```\n"
 
+    def flush(key: str) -> None:
+        fresh["machine"] = f"## Machine (latest run: sections {args.only})\n\n{mach}\n"
+        fresh["commands"] = "## Last invocation\n\n```\n" + COMMANDS[0] + "\n```\n"
+        write_results(Path(args.out), fresh)
+        print(fresh[key], flush=True)
+
     work = Path(tempfile.mkdtemp(prefix="steerlab-bench-"))
     vectors = work / "vectors"
     cache = Path(os.environ.get("STEERLAB_CACHE_DIR") or Path.home() / ".cache" / "steerlab")
@@ -581,23 +587,28 @@ def main() -> None:
         n0 = len(COMMANDS)
         text, _ = bench_gen(args)
         fresh["gen"] = f"## Generation throughput\n\n{st}{text}" + cmds_since(n0)
+        flush("gen")
     if "build" in only:
         st = stamp()
         n0 = len(COMMANDS)
         text, _ = bench_build(args)
         fresh["build"] = f"## Vector building (64 contrast pairs)\n\n{st}{text}" + cmds_since(n0)
+        flush("build")
     if "server" in only:
         st = stamp()
         n0 = len(COMMANDS)
         fresh["server"] = f"## Server: latency and throughput\n\n{st}{bench_server(args, vectors, cache)}" + cmds_since(n0)
+        flush("server")
     if "cold" in only:
         st = stamp()
         n0 = len(COMMANDS)
         fresh["cold"] = f"## Cold start and memory\n\n{st}{bench_cold(args, vectors)}" + cmds_since(n0)
+        flush("cold")
     if "profile" in only:
         st = stamp()
         n0 = len(COMMANDS)
         fresh["profile"] = f"## Profile of a steered generation\n\n{st}{bench_profile(args)}" + cmds_since(n0)
+        flush("profile")
     shutil.rmtree(work, ignore_errors=True)
     fresh["machine"] = f"## Machine (latest run: sections {args.only})\n\n{mach}\n"
     fresh["commands"] = "## Last invocation\n\n```\n" + COMMANDS[0] + "\n```\n"
