@@ -173,13 +173,30 @@ def _describe(steering) -> str:  # noqa: ANN001
 @click.option("--prompt", "demo_prompt", default="The future of technology is", show_default=True,
               help="Prompt for the base-vs-steered snippet.")
 @click.option("--force", is_flag=True, help="Rebuild even if the vector exists.")
+@click.option("--pair", nargs=2, default=None, metavar="POSITIVE NEGATIVE",
+              help="Quick vector from one prompt pair, ActAdd-style (e.g. --pair Love Hate); with --name.")
+@click.option("--contrast", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Contrast file: JSONL of {positive, negative} or CSV/TSV with those columns; with --name.")
+@click.option("--positive", "positive_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Text file, one positive text per line (with --negative and --name).")
+@click.option("--negative", "negative_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Text file, one negative text per line (with --positive and --name).")
+@click.option("--name", default=None, help="Name of the vector built from --pair, --contrast or --positive/--negative.")
 @model_options
 def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_length, demo_prompt, force,
-          model_id, device, dtype) -> None:  # noqa: ANN001
+          pair, contrast, positive_file, negative_file, name, model_id, device, dtype) -> None:  # noqa: ANN001
     """Build steering vectors from persona contrast sets (default: all built-in personas).
 
     PERSONAS are names (built-in or in the user personas folder) or paths to .toml files.
+    Or one vector from --pair, --contrast FILE or --positive/--negative FILES, named --name.
     """
+    if pair or contrast or positive_file or negative_file or name:
+        from .interop_command import build_custom
+
+        return build_custom(personas=personas, pair=pair, contrast=contrast, positive=positive_file,
+                            negative=negative_file, name=name, out_dir=out_dir, layer_spec=layer_spec, method=method,
+                            pooling=pooling, chat=chat, batch_size=batch_size, max_length=max_length,
+                            demo_prompt=demo_prompt, force=force, model_id=model_id, device=device, dtype=dtype)
     from .generate import GenerationOptions, compare
     from .layers import parse_layers
     from .personas import build_persona, builtin_names, get_persona
@@ -280,3 +297,9 @@ from .server.command import examples, serve  # noqa: E402
 
 main.add_command(serve)
 main.add_command(examples)
+
+from .interop_command import compare_methods_cmd, export_cmd, import_cmd  # noqa: E402
+
+main.add_command(export_cmd)
+main.add_command(import_cmd)
+main.add_command(compare_methods_cmd)

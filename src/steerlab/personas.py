@@ -157,7 +157,7 @@ def vector_path(folder: str | Path, name: str) -> Path:
 
 def load_vectors(folder: str | Path, *, model_id: str | None = None, hidden_size: int | None = None,
                  on_error=None) -> dict[str, SteeringVector]:  # noqa: ANN001
-    """Load every ``*.safetensors`` vector in ``folder``; bad files go to ``on_error(path, exc)``."""
+    """Load every ``*.safetensors`` / ``*.gguf`` vector in ``folder``; bad files go to ``on_error(path, exc)``."""
     out: dict[str, SteeringVector] = {}
     folder = Path(folder)
     if not folder.is_dir():
@@ -165,10 +165,15 @@ def load_vectors(folder: str | Path, *, model_id: str | None = None, hidden_size
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
-        if path.suffix not in (".safetensors", ".pkl", ".pickle", ".pt", ".pth"):
+        if path.suffix not in (".safetensors", ".gguf", ".pkl", ".pickle", ".pt", ".pth"):
             continue
         try:
-            vec = SteeringVector.load(path, model_id=model_id, hidden_size=hidden_size)
+            if path.suffix == ".gguf":  # llama.cpp / repeng control vector (a same-named .safetensors wins)
+                from .gguf_io import import_gguf
+
+                vec = import_gguf(path, model_id=model_id, hidden_size=hidden_size)
+            else:
+                vec = SteeringVector.load(path, model_id=model_id, hidden_size=hidden_size)
         except VectorFileError as exc:
             if on_error is None:
                 raise
