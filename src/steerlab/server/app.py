@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import SteeringError
 from ..personas import NAME_PATTERN, available_personas
 from ..store import VectorStore
-from . import bridge
+from . import bridge, security
 from .builds import Builds
 from .limits import MAX_NEW_TOKENS
 from .resolve import ServerSettings, describe, label, options, plot_path, resolve_steering, unknown_vector
@@ -69,6 +69,16 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None) -
     app.state.adds_special_tokens = _adds_special_tokens(lm.tokenizer)
     examples = json.loads(_data("examples.json"))
     _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):  # noqa: ANN001, ANN202
+        refused = security.check(request, api_key=settings.api_key, key_all=settings.api_key_all,
+                                 public=settings.public)
+        if refused is not None:
+            status, message = refused
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            return JSONResponse(_body(request, status, message), status_code=status, headers=headers)
+        return await call_next(request)
 
     def vector_info(name: str, vec) -> dict[str, Any]:  # noqa: ANN001
         return describe(name, vec, settings=settings, folder=store.folder)
@@ -161,7 +171,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None) -
                 "vectors": [vector_info(n, store.vectors[n]) for n in store.names()]}
 
     def _named(name: str) -> str:
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.match(name) or name != name.strip():
             raise HTTPException(404, f"no vector named {name!r}")
         return name
 

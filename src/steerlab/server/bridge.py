@@ -43,6 +43,19 @@ def submit(runner: Runner, job: GenJob) -> None:
         raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
 
 
+OOM_MESSAGE = ("out of memory while generating: lower max_length / max_tokens or send fewer requests at once; "
+               "if it persists, restart with a smaller --max-batch, a smaller --dtype (bfloat16/float16) "
+               "or --device cpu")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
 def http_error(error: BaseException) -> HTTPException:
     """A runner failure as the HTTP error a client should see."""
     if isinstance(error, Busy):
@@ -53,6 +66,8 @@ def http_error(error: BaseException) -> HTTPException:
         return HTTPException(499, str(error))
     if isinstance(error, SteeringError):
         return HTTPException(400, str(error))
+    if _out_of_memory(error):
+        return HTTPException(503, OOM_MESSAGE, headers={"Retry-After": "5"})
     return HTTPException(500, f"generation failed: {type(error).__name__}: {error}")
 
 

@@ -37,6 +37,27 @@ def _open(model_id: str | None, device: str, dtype: str, vectors_dir: Path | Non
     return lm, store
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail fast (before loading the model) with one line when ``host:port`` is taken."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                why = "is in use" if exc.errno == errno.EADDRINUSE else "needs privileges"
+                raise click.ClickException(
+                    f"port {port} on {host} {why}: choose another with --port N or PORT=N "
+                    f"(e.g. PORT={port + 1 if port < 65535 else 5050} steerlab serve; --port 0 picks a free one)"
+                ) from None
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -48,7 +69,8 @@ def _is_loopback(host: str) -> bool:
 
 @click.command()
 @click.option("--host", envvar="HOST", default="127.0.0.1", show_default=True,
-              help="Address to bind. 0.0.0.0 exposes an unauthenticated model to your network. Env: HOST.")
+              help="Address to bind. Anything but loopback exposes the model to your network: set STEERLAB_API_KEY "
+                   "(building vectors is refused there without it). Env: HOST.")
 @click.option("--port", envvar="PORT", default=5050, show_default=True, type=click.IntRange(0, 65535),
               help="Port (0: any free port). Env: PORT.")
 @click.option("--strength", envvar="STRENGTH", default=None,
@@ -64,11 +86,14 @@ def _is_loopback(host: str) -> bool:
               help="Per-request time limit in seconds, waiting included (504 past it).")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
               help="CPU threads for torch (default: torch's choice; 1 helps on a machine shared with other jobs).")
+@click.option("--api-key-all", is_flag=True, envvar="STEERLAB_API_KEY_ALL",
+              help="Require the API key (env STEERLAB_API_KEY) on every endpoint but / and /health, not only on "
+                   "building vectors. Env: STEERLAB_API_KEY_ALL=1.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @_model_options
-def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threads, log_level, model_id, device,
-          dtype, vectors_dir) -> None:  # noqa: ANN001
+def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threads, api_key_all, log_level, model_id,
+          device, dtype, vectors_dir) -> None:  # noqa: ANN001
     """Run the web studio and HTTP API (OpenAPI docs at /docs).
 
     Loads the model, builds any missing built-in persona vector (a few seconds each on CPU),
@@ -79,6 +104,12 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
     from .app import create_app
     from .resolve import ServerSettings
 
+    import os
+
+    api_key = os.environ.get("STEERLAB_API_KEY") or None  # env only: a --api-key would show in `ps`
+    if api_key_all and not api_key:
+        raise click.ClickException("--api-key-all / STEERLAB_API_KEY_ALL needs a key: set STEERLAB_API_KEY=<secret>")
+    check_port_free(host, port)
     if threads:
         import torch
 
@@ -91,10 +122,15 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
             click.echo(f"built missing persona vectors: {', '.join(built)}")
     if strength is not None:
         click.echo(f"STRENGTH {strength:g} replaces every vector's default strength")
-    if not _is_loopback(host):
-        click.echo(f"warning: listening on {host}: anyone who can reach this machine can use the model", err=True)
+    public = not _is_loopback(host)
+    if public and not api_key:
+        click.echo(f"warning: listening on {host} without STEERLAB_API_KEY: anyone who can reach this machine can "
+                   "generate; building vectors is refused until a key is set", err=True)
+    elif api_key:
+        click.echo("API key required " + ("on every endpoint but / and /health" if api_key_all
+                                          else "for building vectors (STEERLAB_API_KEY_ALL=1: everywhere)"))
     settings = ServerSettings(strength=strength, max_queue=max_queue, max_batch_rows=max_batch,
-                              request_timeout_s=timeout_s)
+                              request_timeout_s=timeout_s, api_key=api_key, api_key_all=api_key_all, public=public)
     app = create_app(lm, store, settings)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"steerlab studio: http://{shown}:{port}  (API docs: /docs; stop with Ctrl-C)")

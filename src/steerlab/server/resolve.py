@@ -8,7 +8,7 @@ and the JSON description of a vector. Raises HTTP errors with messages a client 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ class ServerSettings:
     batch_wait_s: float = 0.01  # how long the worker waits for more jobs to batch with
     request_timeout_s: float = 120.0  # per request, queueing included
     build_batch_size: int = 4  # contrast texts per forward pass when building (progress granularity)
+    api_key: str | None = field(default=None, repr=False)  # STEERLAB_API_KEY: required on mutating endpoints
+    api_key_all: bool = False  # STEERLAB_API_KEY_ALL=1: the key is required everywhere but / and /health
+    public: bool = False  # bound to a non-loopback address: without a key, mutating endpoints are refused
 
 
 def effective_strength(vec: SteeringVector, settings: ServerSettings) -> float:

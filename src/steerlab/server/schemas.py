@@ -122,6 +122,8 @@ class BuildRequest(BaseModel):
             check_name(v)
         except PersonaError as exc:
             raise ValueError(str(exc)) from None
+        if v != v.strip() or "\n" in v:  # NAME_PATTERN ends in "$", which also matches before a final newline
+            raise ValueError(f"{v!r}: names are 1-64 letters, digits, '_', '-' or '.' (no spaces or newlines)")
         if v.lower() in NO_STEERING:
             raise ValueError(f"{v!r} means 'no steering' in requests; choose another name")
         return v
