@@ -191,7 +191,7 @@ def bench_build(args) -> str:  # noqa: ANN001
     lm = load_model(None)
     layers_all = list(range(lm.n_layers))
     tok = lm.tokenizer
-    cmd(f"(in-process) steerlab.build_vector on 64 pairs ({k} distinct persona pairs, cycled), layer 12 / all "
+    cmd(f"(in-process) steerlab.build_vector on 64 pairs (the first 64 of the {k} pairs of the built-in persona files, in file order), layer 12 / all "
         f"{lm.n_layers} layers, batch_size 32; plain full forward pass at batch 32; {args.repeats} repeats")
 
     def plain() -> None:

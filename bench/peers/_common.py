@@ -23,7 +23,18 @@ def load(a):  # noqa: ANN001, ANN201
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(a.model)
+    try:
+        tok = AutoTokenizer.from_pretrained(a.model)
+    except ValueError:
+        # transformers 4.x (steering-vectors' venv) cannot read the folder steerlab writes under
+        # transformers 5 (tokenizer_class "TokenizersBackend"): load tokenizer.json directly.
+        import os
+
+        from transformers import PreTrainedTokenizerFast
+
+        cfg = json.load(open(os.path.join(a.model, "tokenizer_config.json")))
+        special = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if isinstance(cfg.get(k), str)}
+        tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(a.model, "tokenizer.json"), **special)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32).eval()
