@@ -26,7 +26,7 @@ from .errors import PersonaError, VectorFileError
 from .paths import user_personas_dir
 from .vectors import SteeringVector
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # use fullmatch: "$" also matches before a final newline
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Persona:
 
 def check_name(name: str) -> str:
     """Vector / persona names are file names: a safe pattern only."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise PersonaError(
             f"invalid name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
         )

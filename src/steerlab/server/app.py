@@ -171,7 +171,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None) -
                 "vectors": [vector_info(n, store.vectors[n]) for n in store.names()]}
 
     def _named(name: str) -> str:
-        if not NAME_PATTERN.match(name) or name != name.strip():
+        if not NAME_PATTERN.fullmatch(name):
             raise HTTPException(404, f"no vector named {name!r}")
         return name
 
