@@ -203,10 +203,10 @@ def test_mixed_batch_steers_only_the_steered_rows(engines, cats):
     _, engine = engines
     opts = GenerationOptions(max_new_tokens=32)
     prompts = PROMPTS + PROMPTS[:1]
-    rows = [[(cats, 0.6)], [], [Steer(cats, strength=0.6)], []]
+    rows = [[(cats, 0.6)], [], [Steer(cats, strength=0.6)], []]  # rows 0 and 3: same prompt
     plain = engine.generate_ids(prompts, None, options=opts)
     mixed = engine.generate_ids(prompts, rows, options=opts)
-    after = engine.generate_ids(prompts, None, options=opts)  # steered prefill must not leak via the cache
+    after = engine.generate_ids(prompts, None, options=opts)  # steering leaves nothing behind
     texts = [engine.decode(ids) for ids in mixed]
     print("\n" + "\n".join(f"{bool(r)}: {t!r}" for r, t in zip(rows, texts)))
     for i, row in enumerate(rows):
