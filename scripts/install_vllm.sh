@@ -77,6 +77,7 @@ print("torch", torch.__version__, "| transformers", transformers.__version__,
 EOF
 "$PY" -m pip check || echo "(pip check complains about the pins skipped on purpose above; expected)"
 
+touch "$VENV/.installed"  # a stamp a Makefile rule can depend on
 elapsed=$(( $(date +%s) - start ))
 say "done in ${elapsed}s; $VENV uses $(du -sh "$VENV" | cut -f1) on disk"
 echo "run the vLLM tests with: $PY -m pytest tests/test_vllm.py -m vllm"

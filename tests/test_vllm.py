@@ -246,3 +246,69 @@ def test_steered_prompts_do_not_leak_into_the_prefix_cache(engines, cats):
     fresh = [[t for t in ids if t not in engine.eos_ids] for ids in fresh]
     assert steered != fresh
     assert plain_after == fresh
+
+
+def test_http_server_takes_the_same_steering_in_vllm_xargs(engines, cats):
+    """vLLM's OpenAI server on loopback: concurrent steered (both position modes) and plain requests."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    from steerlab.engines.vllm_engine import steered_cache_salt
+
+    _, engine = engines
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", engine.source, "--dtype", "float32",
+         "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "vLLM's server did not start"
+            time.sleep(2)
+        cases = [([(cats, 0.5)], "all"), ([], "all"), ([(cats, 0.5)], "generated"), ([], "all")]
+        texts: list[str | None] = [None] * len(cases)
+
+        def one(i: int) -> None:
+            row, positions = cases[i]
+            ids = engine.encode(PROMPTS[i % 2])
+            extra = engine.extra_args(row, positions=positions, prompt_tokens=len(ids))
+            body = {"model": engine.source, "prompt": ids, "max_tokens": 24, "temperature": 0,
+                    "repetition_penalty": 1.2, "stop_token_ids": engine.eos_ids}
+            if extra:
+                body |= {"vllm_xargs": vllm_xargs(extra), "cache_salt": steered_cache_salt()}
+            r = httpx.post(f"{base}/v1/completions", json=body, timeout=600)
+            r.raise_for_status()
+            texts[i] = r.json()["choices"][0]["text"].strip()
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (row, positions) in enumerate(cases):
+            expected = engine.generate([PROMPTS[i % 2]], [row], options=GenerationOptions(max_new_tokens=24,
+                                                                                         positions=positions))
+            assert texts[i] == expected[0], (i, texts[i], expected[0])
+        assert _concept(texts[0], cats.keywords) and not _concept(texts[1], cats.keywords)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
