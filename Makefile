@@ -40,7 +40,9 @@ test-fast: install  ## unit tests only (tiny random models, no real model, no br
 bench: install
 	$(PY) bench/run.py
 
-vllm-install:  ## optional vLLM engine in its own env (.venv-vllm), see docs/vllm.md
+vllm-install: .venv-vllm/.installed  ## optional vLLM engine in its own env (.venv-vllm), see docs/vllm.md
+
+.venv-vllm/.installed: scripts/install_vllm.sh
 	bash scripts/install_vllm.sh
 
 test-vllm: vllm-install  ## the vLLM engine tests, in .venv-vllm
