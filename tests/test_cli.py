@@ -93,3 +93,20 @@ def test_bad_model_path_is_one_line(tmp_path):
 def test_debug_shows_traceback(tiny_dir):
     r = run("--debug", "build", "no_such_persona", "--model", tiny_dir)
     assert r.exit_code != 0 and r.exception is not None
+
+
+def test_store_rebuilds_a_builtin_built_from_older_texts(tiny_lm, tmp_path):
+    from dataclasses import replace
+
+    from steerlab.personas import build_persona, builtin_names, get_persona
+    from steerlab.store import VectorStore
+
+    store = VectorStore(tmp_path / "v", tiny_lm)
+    name = builtin_names()[0]
+    fresh = build_persona(tiny_lm, get_persona(name), layers=[1], progress=False)
+    store.add(replace(fresh, contrast_hash="0" * 16), overwrite=True)  # as if built from other texts
+    for other in builtin_names()[1:]:
+        store.add(build_persona(tiny_lm, get_persona(other), layers=[1], progress=False), overwrite=True)
+    assert store.ensure_builtins() == [name]
+    assert store.vectors[name].contrast_hash == fresh.contrast_hash
+    assert VectorStore(tmp_path / "v", tiny_lm).ensure_builtins() == []

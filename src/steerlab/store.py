@@ -47,12 +47,20 @@ class VectorStore:
         raise VectorFileError(f"unknown vector {name!r}: available {', '.join(known) or 'none'} (see `steerlab list`)")
 
     def ensure_builtins(self, *, progress: bool = False) -> list[str]:
-        """Build every built-in persona that has no vector yet; return the names built."""
+        """Build every built-in persona with no vector yet, or whose contrast texts changed since
+        its vector was built (e.g. after an upgrade); return the names built."""
+        from .extract import contrast_hash
+
         built = []
         for name in builtin_names():
-            if name not in self.vectors:
-                self.get(name, progress=progress)
-                built.append(name)
+            old = self.vectors.get(name)
+            persona = get_persona(name)
+            if old is not None and old.contrast_hash in ("", contrast_hash(persona.positive, persona.negative)):
+                continue
+            if old is not None:
+                self.warn(f"vector {name!r} was built from older contrast texts: rebuilding it")
+            self.add(build_persona(self.lm, persona, progress=progress), overwrite=True)
+            built.append(name)
         return built
 
     def add(self, vec: SteeringVector, *, overwrite: bool = False, name: str | None = None) -> SteeringVector:
