@@ -96,9 +96,9 @@ def test_compare_in_the_page(driver, studio):
     assert prompt == chip.get_attribute("title") and prompt != "hello"
     slider = driver.find_element(By.ID, "strength-tabby_cats")
     before = float(slider.get_attribute("value"))
-    slider.send_keys(Keys.ARROW_LEFT * 2)
+    slider.send_keys(Keys.ARROW_RIGHT)  # one step up (down could reach 0 = no steering)
     after = float(slider.get_attribute("value"))
-    assert after == pytest.approx(before - 0.1)
+    assert after > before
     assert driver.find_element(By.ID, "strength-value-tabby_cats").text == f"{after:.2f}"
     driver.find_element(By.ID, "length").send_keys(Keys.ARROW_LEFT * 2)  # 48 -> 32 new tokens
     driver.find_element(By.ID, "run").click()
