@@ -279,20 +279,8 @@ def _from_steerlab(path: Path, raw: dict[int, np.ndarray], meta: dict) -> Steeri
             if factor == 0:
                 raise ValueError("exported at strength 0: the directions cannot be recovered")
             directions[layer] = torch.from_numpy(d / factor)
-        return SteeringVector(
-            directions=directions,
-            norms={layer: norms[layer] for layer in raw},
-            model_id=meta["model_id"],
-            name=meta.get("name", path.stem),
-            method=meta.get("method", ""),
-            pooling=meta.get("pooling", ""),
-            description=meta.get("description", ""),
-            keywords=tuple(meta.get("keywords", ())),
-            contrast_hash=meta.get("contrast_hash", ""),
-            created_at=meta.get("created_at", ""),
-            default_layers=tuple(sorted(raw)),  # what llama.cpp applies: every layer in the file
-            default_strength=float(meta.get("default_strength", 1.0)),
-            extra=dict(meta.get("extra", {})),
-        )
+        # default_layers: what llama.cpp applies, i.e. every layer in the file
+        return SteeringVector.from_metadata(directions, meta, default_name=path.stem,
+                                            default_layers=tuple(sorted(raw)))
     except (KeyError, ValueError, TypeError, SteeringError) as exc:
         raise VectorFileError(f"{path}: corrupt {META_KEY} ({exc}); re-export it") from None

@@ -201,6 +201,28 @@ class SteeringVector:
         return path
 
     @classmethod
+    def from_metadata(cls, directions: dict[int, torch.Tensor], meta: dict[str, Any], *,
+                      default_name: str = "vector", **override: Any) -> SteeringVector:
+        """Rebuild a vector from :meth:`metadata` output (file formats share this)."""
+        norms = {int(k): float(v) for k, v in meta["norms"].items()}
+        fields = dict(
+            directions=directions,
+            norms={layer: norms[layer] for layer in directions},
+            model_id=meta["model_id"],
+            name=meta.get("name", default_name),
+            method=meta.get("method", ""),
+            pooling=meta.get("pooling", ""),
+            description=meta.get("description", ""),
+            keywords=tuple(meta.get("keywords", ())),
+            contrast_hash=meta.get("contrast_hash", ""),
+            created_at=meta.get("created_at", ""),
+            default_layers=tuple(meta.get("default_layers", ())),
+            default_strength=float(meta.get("default_strength", 1.0)),
+            extra=dict(meta.get("extra", {})),
+        )
+        return cls(**(fields | override))
+
+    @classmethod
     def load(cls, path: str | os.PathLike, *, model_id: str | None = None,
              hidden_size: int | None = None) -> SteeringVector:
         """Read a vector file; check it matches ``model_id`` / ``hidden_size`` when given."""
@@ -225,21 +247,7 @@ class SteeringVector:
         try:
             meta = json.loads(raw)
             directions = {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items()}
-            vec = cls(
-                directions=directions,
-                norms={int(k): float(v) for k, v in meta["norms"].items()},
-                model_id=meta["model_id"],
-                name=meta.get("name", path.stem),
-                method=meta.get("method", ""),
-                pooling=meta.get("pooling", ""),
-                description=meta.get("description", ""),
-                keywords=tuple(meta.get("keywords", ())),
-                contrast_hash=meta.get("contrast_hash", ""),
-                created_at=meta.get("created_at", ""),
-                default_layers=tuple(meta.get("default_layers", ())),
-                default_strength=float(meta.get("default_strength", 1.0)),
-                extra=dict(meta.get("extra", {})),
-            )
+            vec = cls.from_metadata(directions, meta, default_name=path.stem)
         except (KeyError, ValueError, TypeError, IndexError, SteeringError) as exc:
             raise VectorFileError(f"{path}: corrupt steerlab metadata ({exc}); rebuild it") from None
         if hidden_size is not None and vec.hidden_size != hidden_size:
