@@ -21,8 +21,8 @@ from pathlib import Path
 import click
 
 from .errors import SteeringError
+from .options import model_options, vectors_option
 
-MODEL_HELP = "Hugging Face model id or local folder (default: embedded SmolLM2-135M-Instruct). Env: STEERLAB_MODEL."
 
 
 class _Group(click.Group):
@@ -53,19 +53,6 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 # ---- shared options ------------------------------------------------------------------------
-def model_options(f):  # noqa: ANN001, ANN201
-    f = click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")(f)
-    f = click.option("--device", default="auto", show_default=True, envvar="STEERLAB_DEVICE",
-                     help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps. Env: STEERLAB_DEVICE.")(f)
-    f = click.option("--model", "model_id", default=None, envvar="STEERLAB_MODEL", help=MODEL_HELP)(f)
-    return f
-
-
-def vectors_option(f):  # noqa: ANN001, ANN201
-    return click.option("--vectors", "vectors_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                        help="Vectors folder (default: printed by `steerlab list`). Env: STEERLAB_VECTORS.")(f)
-
-
 def generation_options(f):  # noqa: ANN001, ANN201
     opts = [
         click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096),

@@ -1,6 +1,6 @@
 """``steerlab export`` / ``import`` / ``compare-methods``, and the custom sources of ``steerlab build``.
 
-Registered at the bottom of cli.py. Option decorators are local (not imported from cli.py) so
+Registered at the bottom of cli.py. Option decorators come from options.py so
 this module can be imported on its own; heavy imports happen inside the commands.
 """
 
@@ -10,20 +10,7 @@ from pathlib import Path
 
 import click
 
-
-def _vectors_option(f):  # noqa: ANN001, ANN201
-    return click.option("--vectors", "vectors_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                        help="Vectors folder (default: printed by `steerlab list`). Env: STEERLAB_VECTORS.")(f)
-
-
-def _model_options(f):  # noqa: ANN001, ANN201
-    f = click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")(f)
-    f = click.option("--device", default="auto", show_default=True, envvar="STEERLAB_DEVICE",
-                     help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps. Env: STEERLAB_DEVICE.")(f)
-    f = click.option("--model", "model_id", default=None, envvar="STEERLAB_MODEL",
-                     help="Hugging Face id or local folder (default: embedded SmolLM2-135M-Instruct). "
-                          "Env: STEERLAB_MODEL.")(f)
-    return f
+from .options import model_options, vectors_option
 
 
 def _open(model_id, device, dtype, vectors_dir):  # noqa: ANN001, ANN202
@@ -71,7 +58,7 @@ def _export_layers(spec: str | None, vec) -> list[int] | None:  # noqa: ANN001
 @click.option("--layer", "layer_spec", default=None,
               help="Layers to write: 12, 10,12,14, 4:24:2 or all (every layer but 0). Default: the vector's "
                    "default layers.")
-@_vectors_option
+@vectors_option
 def export_cmd(name, out, strength, layer_spec, vectors_dir) -> None:  # noqa: ANN001
     """Write vector NAME (or a .safetensors path) as a llama.cpp control vector OUT.gguf.
 
@@ -101,8 +88,8 @@ def export_cmd(name, out, strength, layer_spec, vectors_dir) -> None:  # noqa: A
               help="Foreign files: measure residual norms on the model (strength in residual-norm units) or "
                    "use each direction's own length (strength == llama.cpp scale).")
 @click.option("--force", is_flag=True, help="Overwrite a vector of the same name.")
-@_vectors_option
-@_model_options
+@vectors_option
+@model_options
 def import_cmd(file, name, norms, force, vectors_dir, model_id, device, dtype) -> None:  # noqa: ANN001
     """Import a llama.cpp / repeng control vector FILE.gguf into the vectors folder."""
     from .gguf_io import import_gguf
@@ -122,7 +109,7 @@ def import_cmd(file, name, norms, force, vectors_dir, model_id, device, dtype) -
 @click.argument("persona")
 @click.option("--layer", "layer_spec", default="all", show_default=True, help="Layers: all, 12, 10,12,14 or 4:24:2.")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2, 100), help="Cross-validation folds.")
-@_model_options
+@model_options
 def compare_methods_cmd(persona, layer_spec, folds, model_id, device, dtype) -> None:  # noqa: ANN001
     """Compare mean_diff / pca / probe directions of PERSONA per layer.
 

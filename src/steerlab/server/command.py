@@ -12,19 +12,8 @@ from pathlib import Path
 
 import click
 
+from ..options import model_options, vectors_option
 from .limits import STRENGTH_LIMIT
-
-
-def _model_options(f):  # noqa: ANN001, ANN201
-    f = click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")(f)
-    f = click.option("--device", default="auto", show_default=True, envvar="STEERLAB_DEVICE",
-                     help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps. Env: STEERLAB_DEVICE.")(f)
-    f = click.option("--model", "model_id", default=None, envvar="STEERLAB_MODEL",
-                     help="Hugging Face id or local folder (default: embedded SmolLM2-135M-Instruct). "
-                          "Env: STEERLAB_MODEL.")(f)
-    f = click.option("--vectors", "vectors_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Vectors folder (default: printed by `steerlab list`). Env: STEERLAB_VECTORS.")(f)
-    return f
 
 
 def _open(model_id: str | None, device: str, dtype: str, vectors_dir: Path | None):  # noqa: ANN202
@@ -91,7 +80,8 @@ def _is_loopback(host: str) -> bool:
                    "building vectors. Env: STEERLAB_API_KEY_ALL=1.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
-@_model_options
+@vectors_option
+@model_options
 def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threads, api_key_all, log_level, model_id,
           device, dtype, vectors_dir) -> None:  # noqa: ANN001
     """Run the web studio and HTTP API (OpenAPI docs at /docs).
@@ -148,7 +138,8 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
 @click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(1, 256))
 @click.option("--strength", default=None, type=click.FloatRange(-STRENGTH_LIMIT, STRENGTH_LIMIT),
               help="Strength for every persona (default: each vector's own).")
-@_model_options
+@vectors_option
+@model_options
 def examples(out_path, personas, n_prompts, max_new_tokens, strength, model_id, device, dtype,
              vectors_dir) -> None:  # noqa: ANN001
     """Regenerate the pre-computed base vs steered examples the studio shows without a model.

@@ -1,0 +1,28 @@
+"""Click option decorators shared by every steerlab command module.
+
+Kept apart from cli.py so command modules (sweep, interop, server) can import them without
+importing the CLI group that registers those modules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+MODEL_HELP = "Hugging Face model id or local folder (default: embedded SmolLM2-135M-Instruct). Env: STEERLAB_MODEL."
+
+
+def model_options(f):  # noqa: ANN001, ANN201
+    """--model, --device, --dtype."""
+    f = click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")(f)
+    f = click.option("--device", default="auto", show_default=True, envvar="STEERLAB_DEVICE",
+                     help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps. Env: STEERLAB_DEVICE.")(f)
+    f = click.option("--model", "model_id", default=None, envvar="STEERLAB_MODEL", help=MODEL_HELP)(f)
+    return f
+
+
+def vectors_option(f):  # noqa: ANN001, ANN201
+    """--vectors DIR."""
+    return click.option("--vectors", "vectors_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Vectors folder (default: printed by `steerlab list`). Env: STEERLAB_VECTORS.")(f)
