@@ -12,13 +12,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from steerlab.server import create_app
 from steerlab.server.background import serve_in_thread
 from steerlab.store import VectorStore
 
-pytestmark = [pytest.mark.browser, pytest.mark.model]
+pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.usefixtures("one_torch_thread")]
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -48,15 +47,6 @@ def driver(tmp_path_factory):
     finally:
         drv.quit()
         mp.undo()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The machine's cores are shared: one intra-op thread avoids spin-wait slowdowns."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

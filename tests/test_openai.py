@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 from test_server import make_store
 
 from steerlab.models import load_model
@@ -19,12 +18,7 @@ from steerlab.store import VectorStore
 openai = pytest.importorskip("openai", reason="pip install openai (in the test extra)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # shared cores: see conftest
 
 
 @pytest.fixture(scope="module")

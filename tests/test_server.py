@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-import torch
 from helpers import random_vector
 
 from steerlab.models import load_model
@@ -37,13 +36,7 @@ def make_store(lm, folder) -> VectorStore:
     return store
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The machine's cores are shared: one intra-op thread avoids spin-wait slowdowns."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # shared cores: see conftest
 
 
 @pytest.fixture(scope="module")

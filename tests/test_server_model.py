@@ -9,13 +9,12 @@ import subprocess
 
 import httpx
 import pytest
-import torch
 
 from steerlab.server import create_app
 from steerlab.server.background import serve_in_thread
 from steerlab.store import VectorStore
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("one_torch_thread")]
 
 # Copied from the seed README ("Call endpoints directly"); only the port is swapped at run time.
 SEED_CALLS = [
@@ -27,14 +26,6 @@ SEED_CALLS = [
   -d '{"prompt":"Climate change is affecting","steering":"toronto","max_length":80}'""",
     """curl -s 'http://127.0.0.1:5050/examples'""",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

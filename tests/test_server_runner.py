@@ -6,7 +6,6 @@ import queue
 import threading
 
 import pytest
-import torch
 from helpers import random_vector
 
 from steerlab import GenerationOptions, Steer, generate
@@ -16,12 +15,7 @@ from steerlab.server.runner import Busy, Delta, Done, Failed, GenJob, JobCancell
 GREEDY = GenerationOptions(max_new_tokens=8, chat=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # shared cores: see conftest
 
 
 @pytest.fixture
