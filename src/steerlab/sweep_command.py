@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from .cli import _load, _store
 from .options import model_options, vectors_option
 
 CSV_FIELDS = ("setting", "label", "strength", "score", "score_se", "concept", "fluency", "concept_sim",
@@ -125,8 +126,6 @@ def sweep(name, layer_spec, strengths, n_prompts, max_new_tokens, positions, nor
     poolings = [p.strip() for p in pooling_spec.split(",")] if pooling_spec else []
     chats = _choices(contrast_spec, {"plain": False, "chat": True}, "--contrast")
     prompts = ev.neutral_prompts(n_prompts)
-
-    from .cli import _load, _store  # at call time: cli.py imports this module at its end
 
     lm = _load(model_id, device, dtype)
     store = _store(lm, vectors_dir)
