@@ -17,13 +17,13 @@ def main() -> None:
 
     def run(hidden_layers, batch):  # noqa: ANN001, ANN202
         def fn() -> None:
-            # repeng indexes hidden_states (0 = embeddings), so block output i is hidden_layers i + 1.
+            # repeng reads hidden_states[layer + 1] for layer >= 0: the output of block `layer`, as in steerlab.
             ControlVector.train(model, tok, dataset, hidden_layers=hidden_layers, batch_size=batch)
         return fn
 
     cases = {
-        f"layer {a.layer}, batch 32": timed(run([a.layer + 1], 32), a.repeats),
-        f"all {n_layers} layers, batch 32": timed(run(list(range(1, n_layers + 1)), 32), a.repeats),
+        f"layer {a.layer}, batch 32": timed(run([a.layer], 32), a.repeats),
+        f"all {n_layers} layers, batch 32": timed(run(list(range(n_layers)), 32), a.repeats),
     }
     report("repeng", cases, note="method pca_diff (its default), last-token hidden states, full forward pass")
 
