@@ -177,7 +177,7 @@ def test_real_sweep_picks_an_on_concept_fluent_cell(real_lm, tmp_path, monkeypat
     vectors, out = tmp_path / "vecs", tmp_path / "sweep"
     vec = build_persona(real_lm, get_persona("tabby_cats"), layers=[8, 12, 16], progress=False)
     vec.save(vectors / "tabby_cats.safetensors")
-    monkeypatch.setattr("steerlab.sweep_command._load", lambda *a, **k: real_lm)  # the session's model
+    monkeypatch.setattr("steerlab.sweep_command.load_lm", lambda *a, **k: real_lm)  # the session's model
     r = run("sweep", "tabby_cats", "--layers", "8,12,16", "--strengths", "0.2,0.4,0.7", "--prompts", 6,
             "--max-new-tokens", 32, "--vectors", vectors, "--out", out)
     assert r.exit_code == 0, r.output

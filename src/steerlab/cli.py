@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from .errors import SteeringError
-from .options import model_options, vectors_option
+from .options import load_lm, model_options, open_store, vectors_option
 
 
 
@@ -79,19 +79,6 @@ def generation_options(f):  # noqa: ANN001, ANN201
     for opt in reversed(opts):
         f = opt(f)
     return f
-
-
-def _load(model_id: str | None, device: str, dtype: str):  # noqa: ANN202
-    from .models import load_model
-
-    return load_model(model_id, device=device, dtype=dtype)
-
-
-def _store(lm, vectors_dir: Path | None):  # noqa: ANN001, ANN202
-    from .paths import default_vectors_dir
-    from .store import VectorStore
-
-    return VectorStore(vectors_dir or default_vectors_dir(), lm, warn=lambda m: click.echo(f"note: {m}", err=True))
 
 
 def parse_steer(spec: str) -> tuple[str, float | None]:
@@ -189,8 +176,8 @@ def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_
     from .personas import build_persona, builtin_names, get_persona
 
     chosen = [get_persona(name) for name in personas or builtin_names()]  # fail fast, before loading
-    lm = _load(model_id, device, dtype)
-    store = _store(lm, out_dir)
+    lm = load_lm(model_id, device, dtype)
+    store = open_store(lm, out_dir)
     click.echo(f"model: {lm.model_id} on {lm.device} ({lm.dtype}), {lm.n_layers} layers, hidden {lm.hidden_size}")
     click.echo(f"vectors folder: {store.folder}")
     layers = parse_layers(layer_spec, lm.n_layers)
@@ -227,8 +214,8 @@ def generate(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noq
     """Generate a completion of PROMPT, steered by --steer vectors (none: base model)."""
     from .generate import generate as run
 
-    lm = _load(model_id, device, dtype)
-    steering = _steering(lm, _store(lm, vectors_dir), kw["steers"], kw["strength"], kw["scale"], kw["layer_spec"]) \
+    lm = load_lm(model_id, device, dtype)
+    steering = _steering(lm, open_store(lm, vectors_dir), kw["steers"], kw["strength"], kw["scale"], kw["layer_spec"]) \
         if kw["steers"] else []
     if steering:
         click.echo(f"# steering: {_describe(steering)}", err=True)
@@ -244,8 +231,8 @@ def compare(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noqa
     """Base vs steered completion of PROMPT, generated together in one batch."""
     from .generate import compare as run
 
-    lm = _load(model_id, device, dtype)
-    steering = _steering(lm, _store(lm, vectors_dir), kw["steers"], kw["strength"], kw["scale"], kw["layer_spec"])
+    lm = load_lm(model_id, device, dtype)
+    steering = _steering(lm, open_store(lm, vectors_dir), kw["steers"], kw["strength"], kw["scale"], kw["layer_spec"])
     base, steered = run(lm, prompt, steering, options=_options(kw, steering))
     click.echo(click.style("=== base ===", bold=True))
     click.echo(base)

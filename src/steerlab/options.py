@@ -1,4 +1,4 @@
-"""Click option decorators shared by every steerlab command module.
+"""Click options and start-up helpers shared by every steerlab command module.
 
 Kept apart from cli.py so command modules (sweep, interop, server) can import them without
 importing the CLI group that registers those modules.
@@ -26,3 +26,18 @@ def vectors_option(f):  # noqa: ANN001, ANN201
     """--vectors DIR."""
     return click.option("--vectors", "vectors_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                         help="Vectors folder (default: printed by `steerlab list`). Env: STEERLAB_VECTORS.")(f)
+
+
+def load_lm(model_id: str | None, device: str, dtype: str):  # noqa: ANN201
+    """The model named by --model/--device/--dtype."""
+    from .models import load_model
+
+    return load_model(model_id, device=device, dtype=dtype)
+
+
+def open_store(lm, vectors_dir: Path | None):  # noqa: ANN001, ANN201
+    """The vectors folder (--vectors, else the default) for ``lm``; notes go to stderr."""
+    from .paths import default_vectors_dir
+    from .store import VectorStore
+
+    return VectorStore(vectors_dir or default_vectors_dir(), lm, warn=lambda m: click.echo(f"note: {m}", err=True))

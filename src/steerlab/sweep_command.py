@@ -19,8 +19,7 @@ from pathlib import Path
 
 import click
 
-from .cli import _load, _store
-from .options import model_options, vectors_option
+from .options import load_lm, model_options, open_store, vectors_option
 
 CSV_FIELDS = ("setting", "label", "strength", "score", "score_se", "concept", "fluency", "concept_sim",
               "concept_gain", "keyword_rate", "ppl", "ppl_ratio", "rep", "n")
@@ -127,8 +126,8 @@ def sweep(name, layer_spec, strengths, n_prompts, max_new_tokens, positions, nor
     chats = _choices(contrast_spec, {"plain": False, "chat": True}, "--contrast")
     prompts = ev.neutral_prompts(n_prompts)
 
-    lm = _load(model_id, device, dtype)
-    store = _store(lm, vectors_dir)
+    lm = load_lm(model_id, device, dtype)
+    store = open_store(lm, vectors_dir)
     vec = store.get(name, progress=True)
     persona = get_persona(name) if name in available_personas() else None
     groups = ev.parse_layer_groups(layer_spec or ev.default_layer_spec(lm.n_layers), lm.n_layers)
