@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 HOST    ?= 127.0.0.1
 PORT    ?= 5050
 
-.PHONY: install run build test test-fast browser bench vllm-install test-vllm clean
+.PHONY: install run build test test-fast browser bench vllm-install run-vllm test-vllm clean
 
 install: $(VENV)/.installed
 
@@ -45,8 +45,11 @@ vllm-install: .venv-vllm/.installed  ## optional vLLM engine in its own env (.ve
 .venv-vllm/.installed: scripts/install_vllm.sh
 	bash scripts/install_vllm.sh
 
-test-vllm: vllm-install  ## the vLLM engine tests, in .venv-vllm
-	.venv-vllm/bin/python -m pytest tests/test_vllm.py -m vllm
+run-vllm: vllm-install  ## the web studio with vLLM generating (same page and API)
+	HOST=$(HOST) PORT=$(PORT) .venv-vllm/bin/steerlab serve --engine vllm
+
+test-vllm: vllm-install  ## the vLLM engine and server tests, in .venv-vllm
+	.venv-vllm/bin/python -m pytest tests/test_vllm.py tests/test_vllm_server.py -m vllm
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -30,7 +30,7 @@ import base64
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ from ..layers import check_layers
 from ..models import resolve_model_source
 
 __all__ = [
-    "GeneratedPositions", "VLLMEngine", "row_deltas", "steered_cache_salt", "steering_extra_args",
+    "AsyncVLLMEngine", "GeneratedPositions", "VLLMEngine", "VLLMModel", "engine_kwargs", "row_deltas", "steered_cache_salt", "steering_extra_args",
     "steering_vectors", "vllm_xargs",
 ]
 
@@ -204,57 +204,57 @@ def _default_dtype() -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-class VLLMEngine:
-    """vLLM's offline ``LLM`` on one model, generating with per-row steerlab steering.
+def engine_kwargs(
+    source: str,
+    *,
+    dtype: str = "auto",
+    max_model_len: int = 2048,
+    seed: int = 0,
+    kv_cache_gib: int | None = None,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    gpu_memory_utilization: float | None = None,
+    engine_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """vLLM engine arguments (``LLM(**kw)`` / ``AsyncEngineArgs(**kw)``) with steerlab's defaults.
 
-    ``model``: None for the embedded SmolLM2 (its converted safetensors folder), else a local
-    folder or a Hugging Face id. ``kv_cache_gib`` sets ``VLLM_CPU_KVCACHE_SPACE`` for the CPU
-    build (default 1 GiB when unset; ignored on GPUs, use ``gpu_memory_utilization``).
-    ``engine_args`` go to ``vllm.LLM`` unchanged (e.g. ``{"enable_prefix_caching": False}``).
-    vLLM starts its engine in a child process: scripts using this need an
-    ``if __name__ == "__main__":`` guard.
+    Sets ``VLLM_CPU_KVCACHE_SPACE`` for the CPU build (1 GiB unless set or ``kv_cache_gib``).
+    """
+    if kv_cache_gib is not None:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))  # vLLM reads whole GiB
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    kwargs: dict[str, Any] = dict(
+        model=source, tokenizer=source, dtype=_default_dtype() if dtype == "auto" else dtype,
+        max_model_len=max_model_len, seed=seed, tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+    )
+    if gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    kwargs.update(engine_args or {})
+    return kwargs
+
+
+class VLLMModel:
+    """What both vLLM engines share: the model's facts, prompt encoding and request building.
+
+    Reads the config and tokenizer only (fast); the subclasses start vLLM itself.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        max_model_len: int = 2048,
-        seed: int = 0,
-        kv_cache_gib: int | None = None,
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        gpu_memory_utilization: float | None = None,
-        engine_args: dict[str, Any] | None = None,
-    ) -> None:
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise ModelLoadError(f"vLLM is not installed in this environment: {INSTALL_HINT}") from None
+    def __init__(self, model: str | None = None) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
         self.source, self.model_id = resolve_model_source(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.source)
-        config = AutoConfig.from_pretrained(self.source)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source)
+            config = AutoConfig.from_pretrained(self.source)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read model {self.model_id!r} from {self.source}: {exc}") from None
         text_config = getattr(config, "text_config", None) or config
         self.n_layers = int(text_config.num_hidden_layers)
         self.hidden_size = int(text_config.hidden_size)
         self.eos_ids = _eos_ids(self.tokenizer)
-        if kv_cache_gib is not None:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))  # vLLM reads whole GiB
-        else:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        kwargs: dict[str, Any] = dict(
-            model=self.source, tokenizer=self.source, dtype=_default_dtype() if dtype == "auto" else dtype,
-            max_model_len=max_model_len, seed=seed, tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
-        )
-        if gpu_memory_utilization is not None:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        kwargs.update(engine_args or {})
-        self.dtype = kwargs["dtype"]
-        self.llm = LLM(**kwargs)
+        self.dtype = "auto"
 
     # ---- prompts ---------------------------------------------------------------------------
     @property
@@ -280,7 +280,8 @@ class VLLMEngine:
         return steering_extra_args(row, n_layers=self.n_layers, hidden_size=self.hidden_size,
                                    positions=positions, prompt_tokens=prompt_tokens)
 
-    def sampling_params(self, options: GenerationOptions, extra_args: dict[str, Any] | None = None):  # noqa: ANN201
+    def sampling_params(self, options: GenerationOptions, extra_args: dict[str, Any] | None = None,
+                        **more: Any):  # noqa: ANN201
         """vLLM ``SamplingParams`` matching steerlab's generation options (greedy at temperature 0)."""
         from vllm import SamplingParams
 
@@ -296,7 +297,18 @@ class VLLMEngine:
             stop_token_ids=self.eos_ids,
             skip_special_tokens=True,
             extra_args=dict(extra_args) if extra_args else None,
+            **more,
         )
+
+    def request(self, prompt: str, row: RowSteering, options: GenerationOptions, **more: Any
+                ) -> tuple[dict[str, Any], Any]:
+        """(vLLM prompt, SamplingParams) for one prompt with one row of steering."""
+        ids = self.encode(prompt, chat=options.chat)
+        extra = self.extra_args(row, positions=options.positions, prompt_tokens=len(ids))
+        vllm_prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        if extra:  # keep its steered KV blocks out of everyone else's prefix cache
+            vllm_prompt["cache_salt"] = steered_cache_salt()
+        return vllm_prompt, self.sampling_params(options, extra, **more)
 
     def requests(
         self, prompts: Sequence[str], steering: Sequence[RowSteering] | RowSteering | None, options: GenerationOptions
@@ -305,16 +317,35 @@ class VLLMEngine:
         rows = steering_rows(steering, len(prompts))
         if len(rows) == 1 and len(prompts) != 1:
             rows = rows * len(prompts)
-        vllm_prompts, params = [], []
-        for prompt, row in zip(prompts, rows):
-            ids = self.encode(prompt, chat=options.chat)
-            extra = self.extra_args(row, positions=options.positions, prompt_tokens=len(ids))
-            vllm_prompt: dict[str, Any] = {"prompt_token_ids": ids}
-            if extra:  # keep its steered KV blocks out of everyone else's prefix cache
-                vllm_prompt["cache_salt"] = steered_cache_salt()
-            vllm_prompts.append(vllm_prompt)
-            params.append(self.sampling_params(options, extra))
-        return vllm_prompts, params
+        pairs = [self.request(prompt, row, options) for prompt, row in zip(prompts, rows)]
+        return [p for p, _ in pairs], [sp for _, sp in pairs]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text as steerlab's engine returns it (special tokens skipped, stripped)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+
+class VLLMEngine(VLLMModel):
+    """vLLM's offline ``LLM`` on one model, generating with per-row steerlab steering.
+
+    ``model``: None for the embedded SmolLM2 (its converted safetensors folder), else a local
+    folder or a Hugging Face id. Keyword arguments as :func:`engine_kwargs`: ``dtype``,
+    ``max_model_len``, ``seed``, ``kv_cache_gib`` (``VLLM_CPU_KVCACHE_SPACE`` for the CPU build,
+    default 1 GiB; ignored on GPUs, use ``gpu_memory_utilization``), ``tensor_parallel_size``,
+    ``pipeline_parallel_size``, and ``engine_args`` for ``vllm.LLM`` unchanged (e.g.
+    ``{"enable_prefix_caching": False}``). vLLM starts its engine in a child process: scripts using this need an
+    ``if __name__ == "__main__":`` guard.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ModelLoadError(f"vLLM is not installed in this environment: {INSTALL_HINT}") from None
+        super().__init__(model)
+        kw = engine_kwargs(self.source, **kwargs)
+        self.dtype = kw["dtype"]
+        self.llm = LLM(**kw)
 
     def generate(
         self,
@@ -347,10 +378,6 @@ class VLLMEngine:
         eos = set(self.eos_ids)
         return [[t for t in out.outputs[0].token_ids if t not in eos] for out in outs]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text as steerlab's engine returns it (special tokens skipped, stripped)."""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
-
     def close(self) -> None:
         """Stop vLLM's engine process (also happens when the object is garbage-collected)."""
         llm = getattr(self, "llm", None)
@@ -364,3 +391,50 @@ class VLLMEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncVLLMEngine(VLLMModel):
+    """vLLM's ``AsyncLLM`` on one model: one streaming vLLM request per row, for servers.
+
+    What ``steerlab serve --engine vllm`` runs on (:mod:`steerlab.server.vllm_runner`). vLLM's
+    scheduler batches the requests of all clients continuously, steered rows beside plain ones.
+    Keyword arguments as :class:`VLLMEngine`. Create it inside the event loop that will use it.
+    """
+
+    def __init__(self, model: str | None = None, *, log_stats: bool = False, **kwargs: Any) -> None:
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.platforms import current_platform
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError:
+            raise ModelLoadError(f"vLLM is not installed in this environment: {INSTALL_HINT}") from None
+        super().__init__(model)
+        kw = engine_kwargs(self.source, **kwargs)
+        self.dtype = kw["dtype"]
+        self.device = str(current_platform.device_type)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw, disable_log_stats=not log_stats))
+
+    def prepare(self, prompt: str, row: RowSteering, options: GenerationOptions) -> tuple[dict[str, Any], Any]:
+        """One row as a streaming vLLM request; raises SteeringError on bad steering (before anything runs)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        return self.request(prompt, row, options, output_kind=RequestOutputKind.DELTA)
+
+    async def stream(self, prepared: tuple[dict[str, Any], Any], request_id: str
+                     ) -> AsyncIterator[tuple[list[int], str | None]]:
+        """(new token ids, finish reason or None) as vLLM produces them, stop tokens dropped.
+
+        ``prepared`` comes from :meth:`prepare`. Closing or cancelling the consumer aborts the
+        vLLM request (vLLM does it).
+        """
+        vllm_prompt, params = prepared
+        eos = set(self.eos_ids)
+        async for out in self.engine.generate(vllm_prompt, params, request_id):
+            c = out.outputs[0]
+            yield [t for t in c.token_ids if t not in eos], c.finish_reason
+
+    def close(self) -> None:
+        """Stop vLLM's engine process."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.shutdown()

@@ -46,11 +46,17 @@ def _data(name: str) -> str:
     return resources.files("steerlab").joinpath("data", name).read_text(encoding="utf-8")
 
 
-def create_app(lm, store: VectorStore, settings: ServerSettings | None = None) -> FastAPI:  # noqa: ANN001
-    """The studio app for a loaded model and its vectors folder."""
+def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, runner=None) -> FastAPI:  # noqa: ANN001
+    """The studio app for a model and its vectors folder.
+
+    ``runner``: what generates; default the transformers engine's batching :class:`Runner` on
+    ``lm``. ``steerlab serve --engine vllm`` passes a :class:`~steerlab.server.vllm_runner.VLLMRunner`
+    (then ``lm`` is the transformers side that builds vectors).
+    """
     settings = settings or ServerSettings()
-    runner = Runner(lm, max_queue=settings.max_queue, max_batch_rows=settings.max_batch_rows,
-                    batch_wait_s=settings.batch_wait_s)
+    if runner is None:
+        runner = Runner(lm, max_queue=settings.max_queue, max_batch_rows=settings.max_batch_rows,
+                        batch_wait_s=settings.batch_wait_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,8 +97,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None) -
 
     @app.get("/health", summary="Liveness, model facts and queue state")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": lm.model_id, "device": str(lm.device),
-                "dtype": str(lm.dtype).replace("torch.", ""),
+        return {"status": "ok", "model": lm.model_id, **runner.engine_info(),
                 "n_layers": lm.n_layers, "hidden_size": lm.hidden_size, "chat_template": lm.has_chat_template,
                 "vectors": store.names(), "strength_override": settings.strength, "max_new_tokens": MAX_NEW_TOKENS,
                 "runner": runner.stats(), "builds": [b.as_dict() for b in app.state.builds.active()]}

@@ -12,18 +12,59 @@ from pathlib import Path
 
 import click
 
-from ..options import model_options, vectors_option
+from ..options import load_lm, model_options, open_store, vectors_option
 from .limits import STRENGTH_LIMIT
 
 
-def _open(model_id: str | None, device: str, dtype: str, vectors_dir: Path | None):  # noqa: ANN202
-    from ..models import load_model
-    from ..paths import default_vectors_dir
-    from ..store import VectorStore
+def _open(model_id: str | None, device: str, dtype: str, vectors_dir: Path | None, lm=None):  # noqa: ANN001, ANN202
+    lm = lm or load_lm(model_id, device, dtype)
+    return lm, open_store(lm, vectors_dir)
 
-    lm = load_model(model_id, device=device, dtype=dtype)
-    store = VectorStore(vectors_dir or default_vectors_dir(), lm, warn=lambda m: click.echo(f"note: {m}", err=True))
-    return lm, store
+
+def _key_values(pairs: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` options as a dict, VALUE as JSON when it parses (true, 0.5, [1,2]) else text."""
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise click.BadParameter(f"{pair!r}: use KEY=VALUE, e.g. enforce_eager=true", param_hint="--vllm-arg")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _vllm_side(model_id: str | None, device: str, dtype: str, max_queue: int, engine_args: dict):  # noqa: ANN202
+    """(transformers side, runner) for --engine vllm; vLLM itself starts with the app."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise click.ClickException(
+            "--engine vllm needs vLLM, which this environment lacks: run `make vllm-install` (CPU; see docs/vllm.md "
+            "for GPUs), then `.venv-vllm/bin/steerlab serve --engine vllm` (or `make run-vllm`)")
+    from ..engines.vllm_engine import AsyncVLLMEngine, VLLMModel
+    from ..models import load_model
+    from .vllm_runner import LazyModel, VLLMRunner
+
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(engine_args.get("engine_args") or {}) - known)
+    if unknown:
+        raise click.BadParameter(f"not vLLM engine arguments: {', '.join(unknown)} (see `python -m "
+                                 "vllm.entrypoints.openai.api_server --help`, dashes as underscores)",
+                                 param_hint="--vllm-arg")
+    facts = VLLMModel(model_id)
+    # vLLM holds the accelerator's memory: the transformers copy (builds only) stays on the CPU unless told.
+    build_device = "cpu" if device == "auto" else device
+    lm = LazyModel(facts, lambda: load_model(model_id, device=build_device, dtype=dtype))
+    runner = VLLMRunner(lambda: AsyncVLLMEngine(model_id, dtype=dtype, **engine_args), max_queue=max_queue)
+    return lm, runner
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -78,12 +119,31 @@ def _is_loopback(host: str) -> bool:
 @click.option("--api-key-all", is_flag=True, envvar="STEERLAB_API_KEY_ALL",
               help="Require the API key (env STEERLAB_API_KEY) on every endpoint but / and /health, not only on "
                    "building vectors. Env: STEERLAB_API_KEY_ALL=1.")
+@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
+              envvar="STEERLAB_ENGINE",
+              help="What generates: steerlab's own transformers engine, or vLLM (continuous batching, GPUs, "
+                   "tensor/pipeline parallel; `make vllm-install`). Vectors are built with transformers either way. "
+                   "Env: STEERLAB_ENGINE.")
+@click.option("--tensor-parallel-size", "tp", default=1, show_default=True, type=click.IntRange(1, 1024),
+              help="vLLM only: GPUs to split each layer over.")
+@click.option("--pipeline-parallel-size", "pp", default=1, show_default=True, type=click.IntRange(1, 1024),
+              help="vLLM only: GPUs (or nodes, with Ray) to split the layers over.")
+@click.option("--gpu-memory-utilization", "gpu_mem", default=None, type=click.FloatRange(0.05, 1.0),
+              help="vLLM only: share of each GPU's memory vLLM may take (vLLM's default 0.9).")
+@click.option("--max-model-len", default=2048, show_default=True, type=click.IntRange(64, 1_000_000),
+              help="vLLM only: longest prompt + reply in tokens.")
+@click.option("--kv-cache-gib", default=None, type=click.IntRange(1, 4096),
+              help="vLLM on CPU only: KV cache size in GiB (default 1; env VLLM_CPU_KVCACHE_SPACE).")
+@click.option("--vllm-arg", "vllm_args", multiple=True, metavar="KEY=VALUE",
+              help="vLLM only: any other vLLM engine argument (a field of vLLM's EngineArgs), repeatable, e.g. "
+                   "distributed_executor_backend=ray or enable_prefix_caching=false; VALUE is read as JSON "
+                   "when it parses, else as text.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @vectors_option
 @model_options
-def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threads, api_key_all, log_level, model_id,
-          device, dtype, vectors_dir) -> None:  # noqa: ANN001
+def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threads, api_key_all, engine, tp, pp,
+          gpu_mem, max_model_len, kv_cache_gib, vllm_args, log_level, model_id, device, dtype, vectors_dir) -> None:  # noqa: ANN001
     """Run the web studio and HTTP API (OpenAPI docs at /docs).
 
     Loads the model, builds any missing built-in persona vector (a few seconds each on CPU),
@@ -104,8 +164,17 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
         import torch
 
         torch.set_num_threads(threads)
-    lm, store = _open(model_id, device, dtype, vectors_dir)
-    click.echo(f"model: {lm.model_id} on {lm.device} ({lm.n_layers} layers); vectors: {store.folder}")
+    runner = None
+    if engine == "vllm":
+        lm, runner = _vllm_side(model_id, device, dtype, max_queue, dict(
+            tensor_parallel_size=tp, pipeline_parallel_size=pp, gpu_memory_utilization=gpu_mem,
+            max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, engine_args=_key_values(vllm_args)))
+        lm, store = _open(model_id, device, dtype, vectors_dir, lm=lm)
+        click.echo(f"model: {lm.model_id} on vLLM ({lm.n_layers} layers; vLLM starts with the server, "
+                   f"minutes on a CPU); vectors: {store.folder}")
+    else:
+        lm, store = _open(model_id, device, dtype, vectors_dir)
+        click.echo(f"model: {lm.model_id} on {lm.device} ({lm.n_layers} layers); vectors: {store.folder}")
     if not no_build:
         built = store.ensure_builtins(progress=False)
         if built:
@@ -121,7 +190,7 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
                                           else "for building vectors (STEERLAB_API_KEY_ALL=1: everywhere)"))
     settings = ServerSettings(strength=strength, max_queue=max_queue, max_batch_rows=max_batch,
                               request_timeout_s=timeout_s, api_key=api_key, api_key_all=api_key_all, public=public)
-    app = create_app(lm, store, settings)
+    app = create_app(lm, store, settings, runner=runner)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"steerlab studio: http://{shown}:{port}  (API docs: /docs; stop with Ctrl-C)")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -86,6 +86,29 @@ class Failed:
 Event = Delta | Done | Failed
 
 
+class TextDeltas:
+    """One row's text as it grows: the new part after each token, never half a character."""
+
+    def __init__(self, tokenizer) -> None:  # noqa: ANN001
+        self.tok = tokenizer
+        self.sent = ""
+
+    def delta(self, ids: list[int]) -> str:
+        """The text added since the last call ('' while a multi-byte character is incomplete)."""
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def final(self, ids: list[int]) -> tuple[str, str]:
+        """(the tail not sent yet, the whole text) once the row is done."""
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        tail = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent = text
+        return tail, text
+
+
 @dataclass(eq=False)
 class GenJob:
     """One request: prompts (rows) with per-row steering and shared options."""
@@ -132,7 +155,6 @@ class _BatchStreamer(BaseStreamer):
 
     def __init__(self, tokenizer, slots: list[tuple[GenJob, int]], eos: set[int], stop: threading.Event,
                  prompt_tokens: list[int], started: float, n_jobs: int) -> None:  # noqa: ANN001
-        self.tok = tokenizer
         self.slots = slots
         self.eos = eos
         self.stop = stop
@@ -141,7 +163,7 @@ class _BatchStreamer(BaseStreamer):
         self.n_jobs = n_jobs
         self.jobs = list(dict.fromkeys(job for job, _ in slots))
         self.ids: list[list[int]] = [[] for _ in slots]
-        self.sent = [""] * len(slots)
+        self.texts = [TextDeltas(tokenizer) for _ in slots]
         self.reason: list[str | None] = [None] * len(slots)
         self.first_token: dict[GenJob, float] = {}
         self.prompt_seen = False
@@ -174,11 +196,7 @@ class _BatchStreamer(BaseStreamer):
         pass
 
     def _emit_delta(self, r: int) -> None:
-        text = self.tok.decode(self.ids[r], skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more
-            return
-        delta, self.sent[r] = text[len(self.sent[r]):], text
-        if delta:
+        if delta := self.texts[r].delta(self.ids[r]):
             job, row = self.slots[r]
             job.emit(Delta(row, delta))
 
@@ -196,10 +214,9 @@ class _BatchStreamer(BaseStreamer):
         rows = []
         for r, (j, _) in enumerate(self.slots):
             if j is job:
-                text = self.tok.decode(self.ids[r], skip_special_tokens=True)
-                if text.startswith(self.sent[r]) and len(text) > len(self.sent[r]):  # flush a held-back tail
-                    job.emit(Delta(self.slots[r][1], text[len(self.sent[r]):]))
-                    self.sent[r] = text
+                tail, text = self.texts[r].final(self.ids[r])
+                if tail:  # a held-back tail
+                    job.emit(Delta(self.slots[r][1], tail))
                 rows.append(RowResult(text=text.strip(), tokens=len(self.ids[r]), prompt_tokens=self.prompt_tokens[r],
                                       finish_reason=self.reason[r] or "length"))
         now = time.monotonic()
@@ -287,6 +304,10 @@ class Runner:
     def _retry_after(self, waiting: int) -> int:
         per_batch = sum(self._batch_secs) / len(self._batch_secs) if self._batch_secs else 2.0
         return max(1, math.ceil(per_batch * (1 + waiting / max(1, self.max_batch_rows))))
+
+    def engine_info(self) -> dict[str, str]:
+        """What /health says generates: this engine, its device and dtype."""
+        return {"engine": "transformers", "device": str(self.lm.device), "dtype": str(self.lm.dtype).replace("torch.", "")}
 
     def stats(self) -> dict[str, Any]:
         """Counters for /health and tests: queue depth, batches, jobs, cancellations."""
