@@ -17,6 +17,7 @@ the median new tokens/s and its ratio to `plain` are printed as a markdown table
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from steerlab import SteeringVector, Steer  # noqa: E402
 from steerlab.generate import encode_prompts  # noqa: E402
+from steerlab.cpu_matmul import decode_matmuls  # noqa: E402
 from steerlab.hooks import steer  # noqa: E402
 from steerlab.models import LoadedModel, load_model, pick_device, pick_dtype  # noqa: E402
 
@@ -67,11 +69,15 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def timed_generate(lm: LoadedModel, enc: dict, rows, new_tokens: int) -> float:  # noqa: ANN001
-    """Seconds for one generate call of exactly ``new_tokens`` tokens per row."""
+def timed_generate(lm: LoadedModel, enc: dict, rows, new_tokens: int, cpu_matmul: bool = True) -> float:  # noqa: ANN001
+    """Seconds for one generate call of exactly ``new_tokens`` tokens per row.
+
+    As steerlab's generate() runs it (decode_matmuls included); ``cpu_matmul=False``: transformers'
+    own ``F.linear`` everywhere (the reference for what steerlab's CPU matmul choice gains).
+    """
     sync(lm.device)
     t = time.perf_counter()
-    with steer(lm, rows):
+    with steer(lm, rows), (decode_matmuls(lm) if cpu_matmul else contextlib.nullcontext()):
         lm.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=None)
     sync(lm.device)

@@ -125,6 +125,7 @@ def actadd_generate(
     Raw text, not the chat template: ActAdd aligns the steering with the first tokens of the
     sequence, which under a chat template would be the template's own tokens.
     """
+    from .cpu_matmul import decode_matmuls
     from .generate import _eos_ids
 
     ids = torch.tensor([encode_raw(lm, prompt, prepend_bos=prepend_bos)], device=lm.device)
@@ -132,9 +133,11 @@ def actadd_generate(
                   repetition_penalty=repetition_penalty, pad_token_id=lm.tokenizer.pad_token_id,
                   eos_token_id=_eos_ids(lm.tokenizer), attention_mask=torch.ones_like(ids))
     if positive is None or negative is None:
-        out = lm.model.generate(ids, **kwargs)
+        with decode_matmuls(lm):
+            out = lm.model.generate(ids, **kwargs)
     else:
-        with actadd(lm, positive, negative, layer=layer, coefficient=coefficient, prepend_bos=prepend_bos):
+        with actadd(lm, positive, negative, layer=layer, coefficient=coefficient, prepend_bos=prepend_bos), \
+                decode_matmuls(lm):
             out = lm.model.generate(ids, **kwargs)
     return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 

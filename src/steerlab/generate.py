@@ -15,6 +15,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .cpu_matmul import decode_matmuls
 from .hooks import Positions, RowSteering, steer, steering_rows
 
 
@@ -128,7 +129,7 @@ def generate(
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if cancel is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancel(cancel)])
-    with steer(lm, rows, positions=opts.positions, norm_preserve=opts.norm_preserve):
+    with steer(lm, rows, positions=opts.positions, norm_preserve=opts.norm_preserve), decode_matmuls(lm):
         out = lm.model.generate(**enc, streamer=streamer, **kwargs)
     new = out[:, enc["input_ids"].shape[1] :]
     return [lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]

@@ -75,13 +75,14 @@ def generate_from_cache(lm, cache: PromptCache, prompts: Sequence[str], steering
     token (steered, as the hook steers it in a full prefill) and the new tokens.
     """
     from .generate import _eos_ids
+    from .cpu_matmul import decode_matmuls
     from .hooks import steer
 
     if options.positions != "generated" or options.temperature > 0:
         raise SteeringError("generate_from_cache is for greedy generation with positions='generated'")
     kv, mask, _, _, ids = cache.rows(prompts, drop_last=True)
     tok = lm.tokenizer
-    with steer(lm, list(steering), positions="generated", norm_preserve=options.norm_preserve):
+    with steer(lm, list(steering), positions="generated", norm_preserve=options.norm_preserve), decode_matmuls(lm):
         out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=options.max_new_tokens,
                                 do_sample=False, temperature=None, top_p=None, top_k=None,
                                 pad_token_id=tok.pad_token_id, eos_token_id=_eos_ids(tok),
