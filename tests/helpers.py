@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+
 import torch
 
 from steerlab import SteeringVector
@@ -27,3 +32,26 @@ def logits(lm, texts) -> torch.Tensor:
     enc = lm.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         return lm.model(**enc).logits
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, *, timeout: float = 60, poll: float = 0.1,
+                 log: Callable[[], str] = lambda: "") -> None:
+    """Until ``url``/health answers 200; fails with ``log()`` if the server exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the server at {url} did not start:\n{log()[-3000:]}")
+        time.sleep(poll)

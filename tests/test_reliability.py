@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
-from helpers import random_vector
+from helpers import free_port, random_vector, wait_healthy
 
 from steerlab import SteeringVector
 from steerlab.models import load_model
@@ -36,24 +36,6 @@ EXE = shutil.which("steerlab") or os.path.join(os.path.dirname(sys.executable), 
 def tiny_model(tiny_dir):
     torch.set_num_threads(1)
     return load_model(str(tiny_dir), device="cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_up(proc: subprocess.Popen, url: str) -> None:
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.1)
-    raise AssertionError("server did not start")
 
 
 # ---- vector files at start-up ------------------------------------------------------------------
@@ -91,13 +73,13 @@ def test_bad_vector_files_are_skipped_with_one_line_each(tiny_model, tmp_path):
 
 def test_serve_starts_with_the_good_files(tiny_dir, tiny_model, tmp_path):
     reasons = _bad_folder(tiny_model, tmp_path / "v")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([EXE, "serve", "--model", str(tiny_dir), "--vectors", str(tmp_path / "v"), "--no-build",
                              "--threads", "1", "--log-level", "warning", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_up(proc, url)
+        wait_healthy(proc, url, log=lambda: proc.stdout.read() if proc.poll() is not None else "")
         assert httpx.get(f"{url}/health").json()["vectors"] == ["good_a", "good_b"]
     finally:
         proc.terminate()

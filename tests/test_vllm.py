@@ -252,35 +252,25 @@ def test_http_server_takes_the_same_steering_in_vllm_xargs(engines, cats):
     """vLLM's OpenAI server on loopback: concurrent steered (both position modes) and plain requests."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import threading
-    import time
 
     import httpx
+
+    from helpers import free_port, wait_healthy
 
     from steerlab.engines.vllm_engine import steered_cache_salt
 
     _, engine = engines
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", engine.source, "--dtype", "float32",
          "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "vLLM's server did not start"
-            time.sleep(2)
+        wait_healthy(server, base, timeout=900, poll=2)
         cases = [([(cats, 0.5)], "all"), ([], "all"), ([(cats, 0.5)], "generated"), ([], "all")]
         texts: list[str | None] = [None] * len(cases)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port, wait_healthy
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="vLLM is an optional engine: `make vllm-install`, then `make test-vllm`")
@@ -31,9 +31,7 @@ PROMPTS = ["What should I cook for dinner tonight?", "Give me three tips for sav
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     folder = tmp_path_factory.mktemp("vllm-vectors")
     log = folder / "server.log"
     cmd = [str(Path(sys.executable).parent / "steerlab"), "serve", "--engine", "vllm", "--port", str(port),
@@ -43,16 +41,7 @@ def server(tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"steerlab serve --engine vllm did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(2)
+        wait_healthy(proc, url, timeout=900, poll=2, log=log.read_text)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGINT)

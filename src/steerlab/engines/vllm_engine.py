@@ -256,6 +256,12 @@ class VLLMModel:
         self.eos_ids = _eos_ids(self.tokenizer)
         self.dtype = "auto"
 
+    def _engine_kwargs(self, **kwargs: Any) -> dict[str, Any]:
+        """:func:`engine_kwargs` for this model; records the dtype vLLM will run in."""
+        kw = engine_kwargs(self.source, **kwargs)
+        self.dtype = kw["dtype"]
+        return kw
+
     # ---- prompts ---------------------------------------------------------------------------
     @property
     def has_chat_template(self) -> bool:
@@ -343,9 +349,7 @@ class VLLMEngine(VLLMModel):
         except ImportError:
             raise ModelLoadError(f"vLLM is not installed in this environment: {INSTALL_HINT}") from None
         super().__init__(model)
-        kw = engine_kwargs(self.source, **kwargs)
-        self.dtype = kw["dtype"]
-        self.llm = LLM(**kw)
+        self.llm = LLM(**self._engine_kwargs(**kwargs))
 
     def generate(
         self,
@@ -409,9 +413,8 @@ class AsyncVLLMEngine(VLLMModel):
         except ImportError:
             raise ModelLoadError(f"vLLM is not installed in this environment: {INSTALL_HINT}") from None
         super().__init__(model)
-        kw = engine_kwargs(self.source, **kwargs)
-        self.dtype = kw["dtype"]
         self.device = str(current_platform.device_type)
+        kw = self._engine_kwargs(**kwargs)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw, disable_log_stats=not log_stats))
 
     def prepare(self, prompt: str, row: RowSteering, options: GenerationOptions) -> tuple[dict[str, Any], Any]:
