@@ -57,6 +57,7 @@ def main() -> None:
     from steerlab.generate import GenerationOptions
     from steerlab.hooks import steer
     from steerlab.generate import encode_prompts
+    from steerlab.cpu_matmul import decode_matmuls
     from steerlab.models import load_model
     from steerlab.vectors import SteeringVector
 
@@ -75,7 +76,7 @@ def main() -> None:
     def run_hf(case: str) -> float:
         enc = encode_prompts(lm, prompts, None)
         t = time.perf_counter()
-        with torch.no_grad(), steer(lm, rows[case]):
+        with torch.no_grad(), steer(lm, rows[case]), decode_matmuls(lm):  # as steerlab's generate() runs it
             out = lm.model.generate(**enc, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                                     do_sample=False, temperature=None, top_p=None, top_k=None,
                                     repetition_penalty=opts.repetition_penalty, pad_token_id=lm.tokenizer.pad_token_id)
