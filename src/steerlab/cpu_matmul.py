@@ -32,10 +32,11 @@ _ENV = "STEERLAB_CPU_MATMUL"
 
 
 def _mm(x: torch.Tensor, weight: torch.Tensor, one_as_two: bool) -> torch.Tensor:
-    rows = x.shape[0]
-    if rows == 1 and one_as_two:  # a 2-column product beats the matrix-vector one here
-        return torch.mm(weight, torch.cat([x, x]).t()).t()[:1]
-    return torch.mm(weight, x.t()).t()
+    # Row-major in and out: a transposed (column-major) result fed to the next layer made its
+    # product 3.4x slower (573 vs 169 us for SmolLM2's down_proj at batch 2).
+    if x.shape[0] == 1 and one_as_two:  # a 2-column product beats the matrix-vector one here
+        return torch.mm(weight, torch.cat([x, x]).t())[:, :1].t().contiguous()
+    return torch.mm(weight, x.contiguous().t()).t().contiguous()
 
 
 def _timed(fn, reps: int = 3) -> float:  # noqa: ANN001
