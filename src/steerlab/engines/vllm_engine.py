@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -437,7 +438,15 @@ class AsyncVLLMEngine(VLLMModel):
             yield [t for t in c.token_ids if t not in eos], c.finish_reason
 
     def close(self) -> None:
-        """Stop vLLM's engine process."""
+        """Stop vLLM's engine process (call from another thread than the event loop's)."""
         engine, self.engine = getattr(self, "engine", None), None
-        if engine is not None:
-            engine.shutdown()
+        if engine is None:
+            return
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None and not handler.done():
+            # Stop vLLM's output loop before its engine process, or it logs the engine's exit as an error.
+            handler.get_loop().call_soon_threadsafe(handler.cancel)
+            deadline = time.monotonic() + 2
+            while not handler.done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        engine.shutdown()
