@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -55,3 +57,13 @@ def wait_healthy(proc: subprocess.Popen, url: str, *, timeout: float = 60, poll:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"the server at {url} did not start:\n{log()[-3000:]}")
         time.sleep(poll)
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 60) -> None:
+    """Stop a server started with ``start_new_session=True`` and its children (vLLM's engine)."""
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -250,7 +250,6 @@ def test_steered_prompts_do_not_leak_into_the_prefix_cache(engines, cats):
 
 def test_http_server_takes_the_same_steering_in_vllm_xargs(engines, cats):
     """vLLM's OpenAI server on loopback: concurrent steered (both position modes) and plain requests."""
-    import os
     import signal
     import subprocess
     import sys
@@ -258,7 +257,7 @@ def test_http_server_takes_the_same_steering_in_vllm_xargs(engines, cats):
 
     import httpx
 
-    from helpers import free_port, wait_healthy
+    from helpers import free_port, stop_group, wait_healthy
 
     from steerlab.engines.vllm_engine import steered_cache_salt
 
@@ -297,8 +296,4 @@ def test_http_server_takes_the_same_steering_in_vllm_xargs(engines, cats):
             assert texts[i] == expected[0], (i, texts[i], expected[0])
         assert _concept(texts[0], cats.keywords) and not _concept(texts[1], cats.keywords)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server, signal.SIGTERM)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, wait_healthy
+from helpers import free_port, stop_group, wait_healthy
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="vLLM is an optional engine: `make vllm-install`, then `make test-vllm`")
@@ -44,12 +43,7 @@ def server(tmp_path_factory):
         wait_healthy(proc, url, timeout=900, poll=2, log=log.read_text)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
     print(f"\nserver log tail:\n{log.read_text()[-1500:]}")
 
 
