@@ -114,3 +114,17 @@ def real_vectors(real_lm):
     from steerlab.personas import build_persona, builtin_names, get_persona
 
     return {name: build_persona(real_lm, get_persona(name), progress=False) for name in builtin_names()}
+
+
+@pytest.fixture(scope="module")
+def real_server(real_lm, real_vectors, tmp_path_factory):
+    """The studio app on the real model and the built-in vectors, served on loopback; yields its URL."""
+    from steerlab.server import create_app
+    from steerlab.server.background import serve_in_thread
+    from steerlab.store import VectorStore
+
+    store = VectorStore(tmp_path_factory.mktemp("real-vectors"), real_lm)
+    for vec in real_vectors.values():
+        store.add(vec)
+    with serve_in_thread(create_app(real_lm, store)) as url:
+        yield url

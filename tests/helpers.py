@@ -43,9 +43,15 @@ def free_port() -> int:
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, *, timeout: float = 60, poll: float = 0.1,
-                 log: Callable[[], str] = lambda: "") -> None:
-    """Until ``url``/health answers 200; fails with ``log()`` if the server exits or the time runs out."""
+                 log: Callable[[], str] | None = None) -> None:
+    """Until ``url``/health answers 200; fails with ``log()`` if the server exits or the time runs out.
+
+    Without ``log``, an exited server's piped stdout is shown.
+    """
     import httpx
+
+    if log is None:
+        log = lambda: proc.stdout.read() if proc.stdout is not None and proc.poll() is not None else ""  # noqa: E731
 
     deadline = time.monotonic() + timeout
     while True:

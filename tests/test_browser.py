@@ -13,9 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from steerlab.server import create_app
-from steerlab.server.background import serve_in_thread
-from steerlab.store import VectorStore
 
 pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -49,22 +46,13 @@ def driver(tmp_path_factory):
         mp.undo()
 
 
-@pytest.fixture(scope="module")
-def studio(real_lm, real_vectors, tmp_path_factory):
-    store = VectorStore(tmp_path_factory.mktemp("browser-vectors"), real_lm)
-    for vec in real_vectors.values():
-        store.add(vec)
-    with serve_in_thread(create_app(real_lm, store)) as url:
-        yield url
-
-
-def test_compare_in_the_page(driver, studio):
+def test_compare_in_the_page(driver, real_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(driver, 60)
-    driver.get(studio)
+    driver.get(real_server)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples .chip")
                and d.find_elements(By.CSS_SELECTOR, ".persona[data-name=tabby_cats]"))
     assert "tabby_cats" in driver.find_element(By.ID, "personas").text

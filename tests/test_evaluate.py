@@ -17,13 +17,7 @@ BASE = "Saving money starts with a budget: write down what you earn, what you sp
 CAT_DESCRIPTION = "Talks about tabby cats: their striped coats, purring, whiskers and naps in the sun."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrix products run faster on one thread, and far faster on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small products: far faster on one thread
 
 
 def test_repeated_ngram_rate():

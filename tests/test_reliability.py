@@ -79,7 +79,7 @@ def test_serve_starts_with_the_good_files(tiny_dir, tiny_model, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(proc, url, log=lambda: proc.stdout.read() if proc.poll() is not None else "")
+        wait_healthy(proc, url)
         assert httpx.get(f"{url}/health").json()["vectors"] == ["good_a", "good_b"]
     finally:
         proc.terminate()

@@ -7,15 +7,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
-from helpers import random_vector
+from helpers import free_port, random_vector, wait_healthy
 
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
@@ -117,9 +115,7 @@ def test_builtin_persona_is_not_overwritten_unless_asked(keyed):
 def test_logs_hold_no_prompts_or_keys(tiny_dir, tmp_path):
     """`steerlab serve` at log level info (access log on): the prompt and the key never appear."""
     exe = shutil.which("steerlab") or os.path.join(os.path.dirname(sys.executable), "steerlab")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     secret_prompt = "my-private-prompt-7f3a"
     env = {**os.environ, "PORT": str(port), "STEERLAB_API_KEY": KEY}
     proc = subprocess.Popen([exe, "serve", "--model", str(tiny_dir), "--vectors", str(tmp_path / "v"), "--no-build",
@@ -127,14 +123,7 @@ def test_logs_hold_no_prompts_or_keys(tiny_dir, tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.1)
+        wait_healthy(proc, url)
         hdr = {"Authorization": f"Bearer {KEY}"}
         assert httpx.post(f"{url}/generate", json={"prompt": secret_prompt, "max_length": 2}, headers=hdr,
                           timeout=60).status_code == 200

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from helpers import random_vector
+from helpers import free_port, random_vector, wait_healthy
 
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
@@ -367,30 +367,20 @@ def test_build_progress_streams_and_bad_requests(server):
 def test_serve_command_honours_env(tiny_dir, tmp_path):
     """`steerlab serve` in a subprocess: HOST, PORT and STRENGTH from the environment."""
     import os
-    import socket
     import sys
 
     exe = shutil.which("steerlab") or os.path.join(os.path.dirname(sys.executable), "steerlab")
     folder = tmp_path / "vecs"
     lm = load_model(str(tiny_dir), device="cpu")
     make_store(lm, folder)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "STRENGTH": "0.5"}
     proc = subprocess.Popen([exe, "serve", "--model", str(tiny_dir), "--vectors", str(folder), "--no-build",
                              "--threads", "1", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.1)
+        wait_healthy(proc, url)
         data = httpx.get(f"{url}/vectors").json()
         assert data["strength_override"] == 0.5
         assert {v["default_strength"] for v in data["vectors"]} == {0.5}

@@ -10,10 +10,6 @@ import subprocess
 import httpx
 import pytest
 
-from steerlab.server import create_app
-from steerlab.server.background import serve_in_thread
-from steerlab.store import VectorStore
-
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("one_torch_thread")]
 
 # Copied from the seed README ("Call endpoints directly"); only the port is swapped at run time.
@@ -26,15 +22,6 @@ SEED_CALLS = [
   -d '{"prompt":"Climate change is affecting","steering":"toronto","max_length":80}'""",
     """curl -s 'http://127.0.0.1:5050/examples'""",
 ]
-
-
-@pytest.fixture(scope="module")
-def real_server(real_lm, real_vectors, tmp_path_factory):
-    store = VectorStore(tmp_path_factory.mktemp("real-vectors"), real_lm)
-    for vec in real_vectors.values():
-        store.add(vec)
-    with serve_in_thread(create_app(real_lm, store)) as url:
-        yield url
 
 
 def run_seed_call(command: str, url: str):

@@ -37,15 +37,7 @@ negative = "my bag sat on the mat"
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrix products run faster on one thread, and far faster on a shared CPU."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small products: far faster on one thread
 
 
 @pytest.fixture(scope="session")
