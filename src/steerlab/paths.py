@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -31,3 +32,20 @@ def user_personas_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
     return Path(base).expanduser() / "steerlab" / "personas"
+
+
+def wheel_file(package: str, relative: str, *, missing: str, reinstall: str) -> Path:
+    """A file shipped inside an installed wheel, found without importing the package.
+
+    The model wheels' ``__init__`` modules import packages steerlab does not install.
+    ``missing``: the error when the package is absent; ``reinstall``: the command that repairs it.
+    """
+    from .errors import ModelLoadError
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        raise ModelLoadError(missing)
+    path = Path(spec.origin).parent / relative
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing: reinstall with `{reinstall}`")
+    return path
