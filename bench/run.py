@@ -136,7 +136,6 @@ def bench_gen(args) -> str:  # noqa: ANN001
            f"each repeat's cases run back to back); vectors at layer {mid} / layers {mid - 4},{mid},{mid + 4}.\n",
            "| batch | case | new tokens/s | ratio vs plain | target >= 0.97 | seconds (all repeats) |",
            "| --- | --- | ---: | ---: | --- | --- |"]
-    raw = {}
     for batch in (1, 8):
         enc = encode_prompts(lm, (PROMPTS * 2)[:batch], None)
         cases = {"plain": [], "one vector": [Steer(one)], "three vectors, three layers": [Steer(v) for v in three]}
@@ -156,9 +155,8 @@ def bench_gen(args) -> str:  # noqa: ANN001
             ratio = med([p / t for p, t in zip(times["plain"], ts)])
             ok = "" if name in ("plain", REF) else ("met" if ratio >= 0.97 else "**missed**")
             out.append(f"| {batch} | {name} | {batch * args.new_tokens / med(ts):.1f} | {ratio:.3f} | {ok} | {fmt_list(ts)} |")
-            raw[f"b{batch}/{name}"] = ts
     del lm
-    return "\n".join(out) + "\n\n" + GPU_TABLE, raw
+    return "\n".join(out) + "\n\n" + GPU_TABLE
 
 
 # ---- 2. vector building -------------------------------------------------------------------------
@@ -274,7 +272,7 @@ def bench_build(args) -> str:  # noqa: ANN001
                    f"**{'met' if alln <= peer_all[fastest] else 'missed'}**.")
     if not peer_one and not peer_all:
         out.append(f"\nNo peer timing; against the plain pass: one layer {one / base:.2f}x, all layers {alln / base:.2f}x.")
-    return "\n".join(out) + "\n", {"times": times, "peers": peers}
+    return "\n".join(out) + "\n"
 
 
 # ---- server helpers ------------------------------------------------------------------------------
@@ -622,39 +620,21 @@ def main() -> None:
 
         cmd(f"(in-process) VectorStore({vectors}).ensure_builtins()  # the server's vectors, built once up front")
         VectorStore(vectors, load_model(None)).ensure_builtins(progress=False)
-    if "gen" in only:
-        st = stamp()
-        n0 = len(COMMANDS)
-        text, _ = bench_gen(args)
-        fresh["gen"] = f"## Generation throughput\n\n{st}{text}" + cmds_since(n0)
-        flush("gen")
-    if "build" in only:
-        st = stamp()
-        n0 = len(COMMANDS)
-        text, _ = bench_build(args)
-        fresh["build"] = f"## Vector building (64 contrast pairs)\n\n{st}{text}" + cmds_since(n0)
-        flush("build")
-    if "server" in only:
-        st = stamp()
-        n0 = len(COMMANDS)
-        fresh["server"] = f"## Server: latency and throughput\n\n{st}{bench_server(args, vectors, cache)}" + cmds_since(n0)
-        flush("server")
-    if "server-vllm" in only:
-        st = stamp()
-        n0 = len(COMMANDS)
-        text = bench_server(args, vectors, cache, engine="vllm")
-        fresh["server-vllm"] = f"## Server on the vLLM engine: latency and throughput\n\n{st}{text}" + cmds_since(n0)
-        flush("server-vllm")
-    if "cold" in only:
-        st = stamp()
-        n0 = len(COMMANDS)
-        fresh["cold"] = f"## Cold start and memory\n\n{st}{bench_cold(args, vectors)}" + cmds_since(n0)
-        flush("cold")
-    if "profile" in only:
-        st = stamp()
-        n0 = len(COMMANDS)
-        fresh["profile"] = f"## Profile of a steered generation\n\n{st}{bench_profile(args)}" + cmds_since(n0)
-        flush("profile")
+    sections = [  # key, title, what writes the section's body
+        ("gen", "Generation throughput", lambda: bench_gen(args)),
+        ("build", "Vector building (64 contrast pairs)", lambda: bench_build(args)),
+        ("server", "Server: latency and throughput", lambda: bench_server(args, vectors, cache)),
+        ("server-vllm", "Server on the vLLM engine: latency and throughput",
+         lambda: bench_server(args, vectors, cache, engine="vllm")),
+        ("cold", "Cold start and memory", lambda: bench_cold(args, vectors)),
+        ("profile", "Profile of a steered generation", lambda: bench_profile(args)),
+    ]
+    for key, title, body in sections:
+        if key in only:
+            st = stamp()
+            n0 = len(COMMANDS)
+            fresh[key] = f"## {title}\n\n{st}{body()}" + cmds_since(n0)
+            flush(key)
     shutil.rmtree(work, ignore_errors=True)
     fresh["machine"] = f"## Machine (latest run: sections {args.only})\n\n{mach}\n"
     fresh["commands"] = "## Last invocation\n\n```\n" + COMMANDS[0] + "\n```\n"

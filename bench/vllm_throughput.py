@@ -29,13 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PROMPTS = [
-    "Give me three tips for saving money.", "Describe a typical morning routine.",
-    "What should I cook for dinner tonight?", "Explain how a computer works.",
-    "Write a haiku about the sea.", "How do I learn a new language?",
-    "What is the best way to start running?", "Summarise the plot of a mystery novel.",
-]
+from throughput import PROMPTS  # noqa: E402  (the same prompts as the transformers-only benchmark)
 
 
 def main() -> None:
