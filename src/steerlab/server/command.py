@@ -17,7 +17,7 @@ from .limits import STRENGTH_LIMIT
 
 
 def _open(model_id: str | None, device: str, dtype: str, vectors_dir: Path | None, lm=None):  # noqa: ANN001, ANN202
-    lm = lm or load_lm(model_id, device, dtype)
+    lm = load_lm(model_id, device, dtype) if lm is None else lm
     return lm, open_store(lm, vectors_dir)
 
 
