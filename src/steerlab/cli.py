@@ -176,21 +176,25 @@ def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_
     from .personas import build_persona, builtin_names, get_persona
 
     chosen = [get_persona(name) for name in personas or builtin_names()]  # fail fast, before loading
-    lm = load_lm(model_id, device, dtype)
+    lm = load_lm(model_id, device, dtype, announce=True)
     store = open_store(lm, out_dir)
     click.echo(f"model: {lm.model_id} on {lm.device} ({lm.dtype}), {lm.n_layers} layers, hidden {lm.hidden_size}")
     click.echo(f"vectors folder: {store.folder}")
     layers = parse_layers(layer_spec, lm.n_layers)
     overrides = {k: v for k, v in dict(method=method, pooling=pooling, chat=chat).items() if v is not None}
-    for persona in chosen:
+    for i, persona in enumerate(chosen, 1):
+        path = store.folder / (persona.name + ".safetensors")
         if persona.name in store.vectors and not force:
             vec = store.vectors[persona.name]
             click.echo(f"\n{persona.name}: exists already (use --force to rebuild)")
+            where = "kept:   "
         else:
+            click.echo(f"\nbuilding {persona.name} ({i}/{len(chosen)}) from {len(persona.positive)} pairs...")
             vec = build_persona(lm, persona, layers=None if layer_spec == "all" else layers, batch_size=batch_size,
                                 max_length=max_length, **overrides)
             store.add(vec, overwrite=True)
-            click.echo(f"\n{persona.name}: built from {len(persona.positive)} pairs ({vec.method}, pooling {vec.pooling})")
+            click.echo(f"{persona.name}: built ({vec.method}, pooling {vec.pooling})")
+            where = "saved:  "
         d = vec.active_layers
         click.echo(f"  shape [{vec.hidden_size}] x {len(vec.layers)} layers, default layers {d}, "
                    f"direction norm {float(vec.directions[d[0]].norm()):.4f}, "
@@ -198,7 +202,7 @@ def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_
         base, steered = compare(lm, demo_prompt, [vec], options=GenerationOptions(max_new_tokens=40))
         click.echo(f"  base:    {_snip(base)}")
         click.echo(f"  steered: {_snip(steered)}")
-        click.echo(f"  saved:   {store.folder / (persona.name + '.safetensors')}")
+        click.echo(f"  {where} {path}")
 
 
 def _snip(text: str, width: int = 100) -> str:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,11 +171,16 @@ def _cache_is_current(target: Path) -> bool:
     return stamp.get("version") == _CACHE_VERSION and (target / "model.safetensors").exists()
 
 
-def resolve_model_source(model_id: str | None) -> tuple[str, str]:
-    """Return (path or id to load from, model id to record in vectors)."""
+def resolve_model_source(model_id: str | None, *, notify: Callable[[str], None] | None = None) -> tuple[str, str]:
+    """Return (path or id to load from, model id to record in vectors).
+
+    ``notify(line)`` hears about the one-time conversion of the embedded model before it starts.
+    """
     if model_id in _DEFAULT_ALIASES:
         target = _converted_dir()
         if not _cache_is_current(target):
+            if notify is not None:
+                notify(f"first run: converting the embedded model once (about 20 s; cached in {target})...")
             _convert_embedded(target)
         return str(target), DEFAULT_MODEL
     return model_id, model_id  # type: ignore[return-value]
@@ -185,18 +191,19 @@ def load_model(
     *,
     device: str | None = None,
     dtype: str | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load a causal LM for steering.
 
     ``model_id``: None for the embedded SmolLM2-135M-Instruct, else a Hugging Face id or a
     local folder. The first load of the embedded model converts it (a few seconds) and caches
-    it under :func:`steerlab.paths.cache_dir`.
+    it under :func:`steerlab.paths.cache_dir`; ``notify(line)`` is told before it starts.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    source, recorded_id = resolve_model_source(model_id)
+    source, recorded_id = resolve_model_source(model_id, notify=notify)
     try:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)

@@ -28,11 +28,18 @@ def vectors_option(f):  # noqa: ANN001, ANN201
                         help="Vectors folder (default: printed by `steerlab list`). Env: STEERLAB_VECTORS.")(f)
 
 
-def load_lm(model_id: str | None, device: str, dtype: str):  # noqa: ANN201
-    """The model named by --model/--device/--dtype."""
-    from .models import load_model
+def load_lm(model_id: str | None, device: str, dtype: str, *, announce: bool = False):  # noqa: ANN201
+    """The model named by --model/--device/--dtype.
 
-    return load_model(model_id, device=device, dtype=dtype)
+    Says "loading ..." on stderr if that takes over 2 s (at once with ``announce``), and before
+    the embedded model's one-time conversion.
+    """
+    from .phases import say, slow
+
+    with slow(f"loading {model_id or 'the embedded model (SmolLM2-135M-Instruct)'}...", after=0 if announce else 2.0):
+        from .models import load_model
+
+        return load_model(model_id, device=device, dtype=dtype, notify=say)
 
 
 def open_store(lm, vectors_dir: Path | None):  # noqa: ANN001, ANN201

@@ -46,12 +46,14 @@ class VectorStore:
         known = sorted(set(self.vectors) | set(available_personas()))
         raise VectorFileError(f"unknown vector {name!r}: available {', '.join(known) or 'none'} (see `steerlab list`)")
 
-    def ensure_builtins(self, *, progress: bool = False) -> list[str]:
+    def ensure_builtins(self, *, progress: bool = False, notify: Callable[[str], None] | None = None) -> list[str]:
         """Build every built-in persona with no vector yet, or whose contrast texts changed since
-        its vector was built (e.g. after an upgrade); return the names built."""
+        its vector was built (e.g. after an upgrade); return the names built.
+
+        ``notify(line)`` hears "building NAME (i/n)..." before each build."""
         from .extract import contrast_hash
 
-        built = []
+        todo = []
         for name in builtin_names():
             old = self.vectors.get(name)
             persona = get_persona(name)
@@ -59,9 +61,12 @@ class VectorStore:
                 continue
             if old is not None:
                 self.warn(f"vector {name!r} was built from older contrast texts: rebuilding it")
+            todo.append(persona)
+        for i, persona in enumerate(todo, 1):
+            if notify is not None:
+                notify(f"building {persona.name} ({i}/{len(todo)}) from {len(persona.positive)} contrast pairs...")
             self.add(build_persona(self.lm, persona, progress=progress), overwrite=True)
-            built.append(name)
-        return built
+        return [p.name for p in todo]
 
     def add(self, vec: SteeringVector, *, overwrite: bool = False, name: str | None = None) -> SteeringVector:
         """Save ``vec`` as ``<name>.safetensors`` (atomic) and make it available."""

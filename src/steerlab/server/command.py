@@ -8,10 +8,12 @@ vectors) and handing the app to uvicorn. Heavy imports happen inside the command
 from __future__ import annotations
 
 import ipaddress
+import sys
 from pathlib import Path
 
 import click
 
+from ..errors import SteeringError
 from ..options import load_lm, model_options, open_store, vectors_option
 from .limits import STRENGTH_LIMIT
 
@@ -146,15 +148,17 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
           gpu_mem, max_model_len, kv_cache_gib, vllm_args, log_level, model_id, device, dtype, vectors_dir) -> None:  # noqa: ANN001
     """Run the web studio and HTTP API (OpenAPI docs at /docs).
 
-    Loads the model, builds any missing built-in persona vector (a few seconds each on CPU),
-    then serves http://HOST:PORT (default http://127.0.0.1:5050).
+    Opens http://HOST:PORT (default http://127.0.0.1:5050) at once: while the model loads and
+    any missing built-in persona vector is built (a few seconds each on CPU), the page and
+    /health say "warming up" and other requests get 503 with Retry-After.
     """
+    import os
+
     import uvicorn
 
-    from .app import create_app
+    from ..phases import say
     from .resolve import ServerSettings
-
-    import os
+    from .warmup import WarmingUp
 
     api_key = os.environ.get("STEERLAB_API_KEY") or None  # env only: a --api-key would show in `ps`
     if api_key_all and not api_key:
@@ -164,23 +168,6 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
         import torch
 
         torch.set_num_threads(threads)
-    runner = None
-    if engine == "vllm":
-        lm, runner = _vllm_side(model_id, device, dtype, max_queue, dict(
-            tensor_parallel_size=tp, pipeline_parallel_size=pp, gpu_memory_utilization=gpu_mem,
-            max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, engine_args=_key_values(vllm_args)))
-        lm, store = _open(model_id, device, dtype, vectors_dir, lm=lm)
-        click.echo(f"model: {lm.model_id} on vLLM ({lm.n_layers} layers; vLLM starts with the server, "
-                   f"minutes on a CPU); vectors: {store.folder}")
-    else:
-        lm, store = _open(model_id, device, dtype, vectors_dir)
-        click.echo(f"model: {lm.model_id} on {lm.device} ({lm.n_layers} layers); vectors: {store.folder}")
-    if not no_build:
-        built = store.ensure_builtins(progress=False)
-        if built:
-            click.echo(f"built missing persona vectors: {', '.join(built)}")
-    if strength is not None:
-        click.echo(f"STRENGTH {strength:g} replaces every vector's default strength")
     public = not _is_loopback(host)
     if public and not api_key:
         click.echo(f"warning: listening on {host} without STEERLAB_API_KEY: anyone who can reach this machine can "
@@ -190,10 +177,60 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
                                           else "for building vectors (STEERLAB_API_KEY_ALL=1: everywhere)"))
     settings = ServerSettings(strength=strength, max_queue=max_queue, max_batch_rows=max_batch,
                               request_timeout_s=timeout_s, api_key=api_key, api_key_all=api_key_all, public=public)
-    app = create_app(lm, store, settings, runner=runner)
+    vllm_args = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, gpu_memory_utilization=gpu_mem,
+                     max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                     engine_args=_key_values(vllm_args)) if engine == "vllm" else None
+
+    def load(note):  # noqa: ANN001, ANN202 - runs in a thread while the port already answers
+        from .app import create_app
+
+        runner = None
+        if vllm_args is not None:
+            note("checking vLLM and the model...")
+            lm, runner = _vllm_side(model_id, device, dtype, max_queue, vllm_args)
+            lm, store = _open(model_id, device, dtype, vectors_dir, lm=lm)
+            say(f"model: {lm.model_id} on vLLM ({lm.n_layers} layers; vLLM starts next, minutes on a CPU); "
+                f"vectors: {store.folder}")
+        else:
+            note(f"loading {model_id or 'the embedded model (SmolLM2-135M-Instruct)'}...")
+            lm = _load(model_id, device, dtype, note)
+            lm, store = _open(model_id, device, dtype, vectors_dir, lm=lm)
+            say(f"model: {lm.model_id} on {lm.device} ({lm.n_layers} layers); vectors: {store.folder}")
+        if not no_build:
+            built = store.ensure_builtins(progress=True, notify=note)
+            if built:
+                say(f"built missing persona vectors: {', '.join(built)}")
+        if strength is not None:
+            say(f"STRENGTH {strength:g} replaces every vector's default strength")
+        app = create_app(lm, store, settings, runner=runner)
+        say("ready")
+        return app
+
+    server: uvicorn.Server | None = None
+
+    def failed(exc: BaseException) -> None:
+        say(f"error: {exc}" if isinstance(exc, (SteeringError, click.ClickException)) else
+            f"error: start-up failed: {type(exc).__name__}: {exc} (steerlab --debug serve shows the traceback)")
+        if server is not None:
+            server.should_exit = True
+
+    warming = WarmingUp(load, on_failure=failed, echo=say)
+    config = uvicorn.Config(warming, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"steerlab studio: http://{shown}:{port}  (API docs: /docs; stop with Ctrl-C)")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    click.echo(f"steerlab studio: http://{shown}:{port}  (warming up: the page shows progress; API docs: /docs; "
+               "stop with Ctrl-C)")
+    server.run()
+    if warming.error is not None:
+        if click.get_current_context().meta.get("steerlab.debug"):
+            raise warming.error
+        sys.exit(1)
+
+
+def _load(model_id: str | None, device: str, dtype: str, note):  # noqa: ANN001, ANN202
+    from ..models import load_model
+
+    return load_model(model_id, device=device, dtype=dtype, notify=note)
 
 
 @click.command()
