@@ -96,11 +96,17 @@ def test_health_docs_page_and_examples(server):
     spec = c.get("/openapi.json").json()
     for path in ["/generate", "/compare", "/vectors", "/v1/chat/completions", "/health", "/examples"]:
         assert path in spec["paths"]
-    assert c.get("/docs").status_code == 200
+    docs = c.get("/docs")
+    assert docs.status_code == 200 and "cdn." not in docs.text and "https://" not in docs.text  # offline: no CDN
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js"):
+        assert f"/static-offline-docs/{asset}" in docs.text + c.get("/redoc").text
+        assert c.get(f"/static-offline-docs/{asset}").status_code == 200
     page = c.get("/")
     assert page.status_code == 200 and "steerlab studio" in page.text and "text/html" in page.headers["content-type"]
     detailed = c.get("/examples", params={"detail": True}).json()
     assert detailed[0]["prompt"] == c.get("/examples").json()[0] and "hint" in detailed[0]
+    assert {e["mode"] for e in detailed} == {"chat", "raw"}  # each example says how it runs (page toggle)
+    assert all(e["prompt"].endswith((".", "?")) == (e["mode"] == "chat") for e in detailed)  # questions/asks: chat
     pre = c.get("/examples/precomputed").json()
     assert set(pre["personas"]) == {"weeknd", "toronto", "tabby_cats"}
     for persona in pre["personas"].values():
@@ -302,11 +308,27 @@ def test_list_vectors_and_plot(server):
     assert c.get("/vectors/nope").status_code == 404
     (server.store.folder / "toronto.sweep.png").write_bytes(PNG)
     try:
-        assert c.get("/vectors/toronto").json()["plot"] == "/vectors/toronto/plot"
+        assert c.get("/vectors/toronto").json()["plot"].startswith("/vectors/toronto/plot?v=")  # versioned: no stale cache
         r = c.get("/vectors/toronto/plot")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content == PNG
     finally:
         (server.store.folder / "toronto.sweep.png").unlink()
+
+
+def test_a_vector_file_changed_on_disk_is_reread(server, tiny_model):
+    """`steerlab sweep` (another process) stores new defaults: the running server shows and applies them."""
+    c, path = server.client, server.store.folder / "resaved.safetensors"
+    vec = random_vector(tiny_model, range(tiny_model.n_layers), seed=7, name="resaved")
+    vec.with_defaults(layers=[1]).save(path)
+    try:
+        assert c.get("/vectors/resaved").json()["default_layers"] == [1]  # a new file appears
+        vec.with_defaults(layers=[3]).save(path)
+        assert c.get("/vectors/resaved").json()["default_layers"] == [3]  # a changed file is re-read
+        r = c.post("/generate", json={"prompt": "the cat", "steering": "resaved", "max_length": 2, "temperature": 0})
+        assert r.json()["applied"][0]["layers"] == [3]
+    finally:
+        path.unlink()
+    assert "resaved" not in [v["name"] for v in c.get("/vectors").json()["vectors"]]  # and a deleted one goes
 
 
 def test_build_a_persona_in_the_background(server):

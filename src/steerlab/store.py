@@ -27,10 +27,27 @@ class VectorStore:
         self.lm = lm
         self.warn = warn or log.warning
         self._lock = threading.Lock()
+        self._stamps = _stamps(self.folder)
         self.vectors: dict[str, SteeringVector] = load_vectors(
             self.folder, model_id=lm.model_id, hidden_size=lm.hidden_size,
             on_error=lambda p, e: self.warn(f"skipping {p.name}: {e}"),
         )
+
+    def refresh(self) -> list[str]:
+        """Re-read the folder if a vector file changed on disk since it was read (``steerlab sweep``
+        storing new defaults while a server runs, a file copied in or deleted); return the names
+        whose files changed. One ``stat`` per file when nothing did."""
+        stamps = _stamps(self.folder)
+        if stamps == self._stamps:
+            return []
+        with self._lock:
+            changed = sorted({n for n in stamps.keys() | self._stamps.keys() if stamps.get(n) != self._stamps.get(n)})
+            self._stamps = stamps
+            self.vectors = load_vectors(
+                self.folder, model_id=self.lm.model_id, hidden_size=self.lm.hidden_size,
+                on_error=lambda p, e: p.name in changed and self.warn(f"skipping {p.name}: {e}"),
+            )
+        return sorted({n.rsplit(".", 1)[0] for n in changed})
 
     def names(self) -> list[str]:
         return sorted(self.vectors)
@@ -77,8 +94,29 @@ class VectorStore:
                 raise PersonaError(f"a vector named {name!r} exists already; choose another name or overwrite it")
             vec.save(path)
             self.vectors[name] = vec
+            self._stamps[path.name] = _stamp(path)
         return vec
 
     def update(self, name: str, vec: SteeringVector) -> SteeringVector:
         """Replace an existing vector (e.g. new defaults from a sweep)."""
         return self.add(vec, overwrite=True, name=name)
+
+
+_VECTOR_SUFFIXES = (".safetensors", ".gguf", ".pkl", ".pickle", ".pt", ".pth")  # what load_vectors looks at
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int] | None]:
+    """File name -> (mtime, size) of every file in ``folder`` that load_vectors would read."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return {}
+    return {p.name: _stamp(p) for p in entries if p.suffix in _VECTOR_SUFFIXES and not p.name.startswith(".")}

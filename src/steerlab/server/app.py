@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SteeringError
@@ -66,7 +67,8 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         finally:
             await asyncio.to_thread(runner.close)
 
-    app = FastAPI(title="steerlab studio", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc with Swagger UI / ReDoc served from the fastapi-offline package: no CDN, works offline
+    app = FastAPIOffline(title="steerlab studio", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.lm = lm
     app.state.store = store
     app.state.settings = settings
@@ -115,6 +117,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
 
     # ---- generation -----------------------------------------------------------------------
     def make_job(req: GenerateRequest | CompareRequest, compare: bool) -> tuple[GenJob, bridge.Channel, list]:
+        store.refresh()  # a vector file changed on disk (e.g. `steerlab sweep` stored new defaults): re-read it
         steers, applied = resolve_steering(req.steering, req.strength, store=store, lm=lm, settings=settings)
         if compare and not steers:
             raise HTTPException(400, "compare needs steering: name a vector (GET /vectors lists them)")
@@ -171,6 +174,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
     # ---- vectors and builds ---------------------------------------------------------------
     @app.get("/vectors", summary="Loaded vectors with metadata")
     def list_vectors() -> dict[str, Any]:
+        store.refresh()
         return {"model": lm.model_id, "n_layers": lm.n_layers, "hidden_size": lm.hidden_size,
                 "strength_override": settings.strength,
                 "vectors": [vector_info(n, store.vectors[n]) for n in store.names()]}
@@ -182,6 +186,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
 
     @app.get("/vectors/{name}", summary="One vector's metadata")
     def get_vector(name: str) -> dict[str, Any]:
+        store.refresh()
         vec = store.vectors.get(_named(name))
         if vec is None:
             raise unknown_vector(name, store)

@@ -63,8 +63,17 @@ def describe(name: str, vec: SteeringVector, *, settings: ServerSettings, folder
         "keywords": list(vec.keywords),
         "created_at": vec.created_at,
         "builtin": name in builtin_names(),
-        "plot": f"/vectors/{name}/plot" if plot_path(folder, name).is_file() else None,
+        "plot": _plot_url(folder, name),
     }
+
+
+def _plot_url(folder: Path, name: str) -> str | None:
+    """The plot's URL, versioned by its mtime so a browser never shows an older sweep's plot."""
+    try:
+        version = plot_path(folder, name).stat().st_mtime_ns
+    except OSError:
+        return None
+    return f"/vectors/{name}/plot?v={version}"
 
 
 def unknown_vector(name: str, store: VectorStore) -> HTTPException:
