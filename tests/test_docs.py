@@ -22,13 +22,15 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 def command_lines(path: Path) -> list[str]:
     """Shell lines in code (fenced, or indented 4 spaces) that run `steerlab`; continuations joined, comments cut."""
-    out, fenced = [], False
+    out, fence = [], None  # None outside a fence, else its language ("text": help output, not commands)
     for raw in path.read_text(encoding="utf-8").replace("\\\n", " ").splitlines():
         if raw.lstrip().startswith("```"):
-            fenced = not fenced
+            fence = None if fence is not None else raw.strip()[3:]
             continue
         line = raw.strip()
-        if (fenced or raw.startswith("    ")) and "`" not in line and re.match(r"^([A-Z_]+=\S+\s+)*steerlab\s", line):
+        if fence == "text":
+            continue
+        if (fence is not None or raw.startswith("    ")) and "`" not in line and re.match(r"^([A-Z_]+=\S+\s+)*steerlab\s", line):
             out.append(line.split(" #")[0].strip())
     return out
 
@@ -40,7 +42,7 @@ def parse(line: str) -> None:
         argv.pop(0)
     assert argv[0] == "steerlab", line
     argv = [a for a in argv[1:] if a != "--debug"]
-    ctx = click.Context(main, info_name="steerlab")
+    ctx = click.Context(main, info_name="steerlab", **main.context_settings)  # -h (click caches help options)
     cmd = main.get_command(ctx, argv[0])
     if cmd is None:
         raise click.UsageError(f"no command {argv[0]!r}")
@@ -97,3 +99,25 @@ def test_readme_tour_runs_as_written(tmp_path):
             assert "saved:" in r.stdout
         if line == "steerlab list":
             assert "tabby_cats" in r.stdout
+
+
+def test_cli_reference_matches_the_help():
+    """docs/cli.md is `python scripts/cli_docs.py` output: regenerate it when an option changes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cli_docs", ROOT / "scripts" / "cli_docs.py")
+    cli_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli_docs)
+    assert cli_docs.OUT.read_text(encoding="utf-8") == cli_docs.render(), "run `python scripts/cli_docs.py`"
+
+
+def test_help_keeps_the_quick_start_lines_and_takes_h():
+    from click.testing import CliRunner
+
+    out = CliRunner().invoke(main, ["-h"], terminal_width=80).output
+    lines = [line.strip() for line in out.splitlines()]
+    assert any(line.startswith("steerlab build") and line.endswith("vectors folder") for line in lines), out
+    assert any(line.startswith("steerlab serve") for line in lines), out  # one command per line, not re-wrapped
+    for cmd in ("build", "generate", "serve", "list"):
+        r = CliRunner().invoke(main, [cmd, "-h"])
+        assert r.exit_code == 0 and "-h, --help" in r.output

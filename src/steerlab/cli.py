@@ -1,14 +1,15 @@
 """steerlab command line: build vectors, generate and compare, serve the studio.
 
-Quick start::
+\b
+Quick start (after `source .venv/bin/activate`, or as .venv/bin/steerlab):
+    steerlab build                          # built-in personas -> vectors folder
+    steerlab generate "Plan my weekend." --steer tabby_cats
+    steerlab compare "Climate change is affecting" --raw --steer toronto
+    steerlab list                           # vectors and their metadata
+    steerlab serve                          # web studio on http://127.0.0.1:5050
 
-    steerlab build                                   # built-in personas -> vectors folder
-    steerlab generate "The future of technology is" --steer tabby_cats
-    steerlab compare "Climate change is affecting" --steer toronto:0.6
-    steerlab list
-    steerlab serve                                   # web studio on http://127.0.0.1:5050
-
-Library errors become one line on stderr and a non-zero exit; ``--debug`` shows tracebacks.
+Errors are one line on stderr and a non-zero exit; --debug shows tracebacks.
+`steerlab COMMAND -h` shows a command's options.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=_Group, help=__doc__)
+@click.group(cls=_Group, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @click.version_option(package_name="steerlab")
 @click.pass_context
@@ -281,3 +282,6 @@ from .interop_command import compare_methods_cmd, export_cmd, import_cmd  # noqa
 main.add_command(export_cmd)
 main.add_command(import_cmd)
 main.add_command(compare_methods_cmd)
+
+if __name__ == "__main__":  # python -m steerlab.cli (python -m steerlab also works)
+    main()
