@@ -42,6 +42,9 @@ def test_build_generate_compare_list(tiny_dir, persona_file, tmp_path):
     assert "shape [64] x 4 layers, default layers [2]" in r.output and "direction norm 1.0000" in r.output
     assert "base:" in r.output and "steered:" in r.output
     assert (out / "kittens.safetensors").exists()
+    assert "building kittens (1/1) from 2 pairs..." in r.output and f"saved:   {out / 'kittens.safetensors'}" in r.output
+    r = run("build", persona_file, "--out", out, "--model", tiny_dir, "--prompt", "the cat")
+    assert "exists already" in r.output and "kept:" in r.output and "saved:" not in r.output  # nothing was written
 
     r = run("generate", "the cat", "--steer", "kittens:3", "--vectors", out, "--model", tiny_dir,
             "--max-new-tokens", "5")
