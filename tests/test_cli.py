@@ -113,3 +113,17 @@ def test_store_rebuilds_a_builtin_built_from_older_texts(tiny_lm, tmp_path):
     assert store.ensure_builtins() == [name]
     assert store.vectors[name].contrast_hash == fresh.contrast_hash
     assert VectorStore(tmp_path / "v", tiny_lm).ensure_builtins() == []
+
+
+def test_help_does_not_import_torch_or_transformers():
+    """`steerlab --help` answers at once: the package and the CLI load torch/transformers only when needed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from steerlab.cli import main; import steerlab\n"
+            "try:\n    main(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert steerlab.SteeringVector.__name__ == 'SteeringVector' and 'torch' in sys.modules  # lazy, still there")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -47,10 +47,21 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.meta["steerlab.debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
     if not debug:  # weight-loading bars and warnings are noise at the command line
+        _quiet_transformers()
+
+
+def _quiet_transformers() -> None:
+    """transformers' warnings and weight-loading bars off, without importing it (~1 s) when it is not loaded yet."""
+    import os
+
+    if "transformers" in sys.modules:  # e.g. tests calling the CLI in-process
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+    else:  # both are read when transformers loads
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 # ---- shared options ------------------------------------------------------------------------
@@ -217,14 +228,19 @@ def _snip(text: str, width: int = 100) -> str:
 @model_options
 def generate(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noqa: ANN001
     """Generate a completion of PROMPT, steered by --steer vectors (none: base model)."""
-    from .generate import generate as run
+    lm = load_lm(model_id, device, dtype)  # first: it says "loading ..." when that is slow
+    from .generate import generate as run, stream
 
-    lm = load_lm(model_id, device, dtype)
     steering = _steering(lm, open_store(lm, vectors_dir), kw["steers"], kw["strength"], kw["scale"], kw["layer_spec"]) \
         if kw["steers"] else []
     if steering:
         click.echo(f"# steering: {_describe(steering)}", err=True)
-    click.echo(run(lm, prompt, steering, options=_options(kw, steering))[0])
+    if sys.stdout.isatty():  # a person watching: show tokens as they come
+        for _row, delta in stream(lm, [prompt], [steering], options=_options(kw, steering)):
+            click.echo(delta, nl=False)
+        click.echo()
+    else:
+        click.echo(run(lm, prompt, steering, options=_options(kw, steering))[0])
 
 
 @main.command()
@@ -234,9 +250,9 @@ def generate(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noq
 @model_options
 def compare(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noqa: ANN001
     """Base vs steered completion of PROMPT, generated together in one batch."""
+    lm = load_lm(model_id, device, dtype)  # first: it says "loading ..." when that is slow
     from .generate import compare as run
 
-    lm = load_lm(model_id, device, dtype)
     steering = _steering(lm, open_store(lm, vectors_dir), kw["steers"], kw["strength"], kw["scale"], kw["layer_spec"])
     base, steered = run(lm, prompt, steering, options=_options(kw, steering))
     click.echo(click.style("=== base ===", bold=True))
