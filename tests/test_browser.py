@@ -2,8 +2,11 @@
 
 Loads the page from a real server on the real model, picks an example and a persona, moves the
 strength slider, runs a compare and checks both panes fill with different text and that the
-request (and the server's echo of it) carries the slider's strength. Saves a screenshot to
-``artifacts/studio.png``. Skips, saying how to get a browser, where none is installed.
+request (and the server's echo of it) carries the slider's strength and the example's mode
+(chat or raw). Also: /docs renders its operations with no network (the browser resolves no host
+but 127.0.0.1), the persona form shows its errors next to the form, and "Larger text" fits a
+1920x1080 projector. Saves screenshots to ``artifacts/``. Skips, saying how to get a browser,
+where none is installed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.usefixtures("o
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1440,1250"]
+         "--disable-dev-shm-usage", "--window-size=1440,1250",
+         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]  # no network: any CDN would fail to load
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +72,13 @@ def test_compare_in_the_page(driver, real_server):
     driver.find_element(By.ID, "seed").clear()
 
     # Pick an example, move the slider and the length, compare.
+    chat_chip = driver.find_element(By.CSS_SELECTOR, "#examples .chip[data-mode=chat]")
+    chat_chip.click()
+    assert driver.find_element(By.ID, "mode-chat").is_selected()
     chip = driver.find_elements(By.CSS_SELECTOR, "#examples .chip")[2]
+    assert chip.get_attribute("data-mode") == "raw"  # a completion-style prompt runs as raw completion
     chip.click()
+    assert driver.find_element(By.ID, "mode-raw").is_selected()
     prompt = driver.find_element(By.ID, "prompt").get_attribute("value")
     assert prompt == chip.get_attribute("title") and prompt != "hello"
     slider = driver.find_element(By.ID, "strength-tabby_cats")
@@ -88,6 +97,7 @@ def test_compare_in_the_page(driver, real_server):
     assert not driver.find_element(By.ID, "error").is_displayed()
     sent = driver.execute_script("return window.steerlab.lastRequest")
     assert sent["prompt"] == prompt and sent["max_length"] == 32 and sent["stream"] is True
+    assert sent["chat"] is False
     assert [s["vector"] for s in sent["steering"]] == ["tabby_cats"]
     assert sent["steering"][0]["strength"] == pytest.approx(after)  # the slider's value went out
     echoed = driver.execute_script("return window.steerlab.lastResult.applied")
@@ -97,3 +107,91 @@ def test_compare_in_the_page(driver, real_server):
     ARTIFACTS.mkdir(exist_ok=True)
     driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(str(ARTIFACTS / "studio.png"))
+
+
+def _foreign_resources(driver, *, but_images: bool = False) -> list[str]:  # noqa: ANN001
+    return driver.execute_script(
+        "return performance.getEntriesByType('resource')"
+        ".filter(e => !e.name.startsWith(location.origin) && !(arguments[0] && e.initiatorType === 'img'))"
+        ".map(e => e.name)", but_images)
+
+
+def test_api_docs_render_offline(driver, real_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{real_server}/docs")
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    paths = {e.text.replace("\u200b", "") for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/generate", "/compare", "/vectors", "/v1/chat/completions", "/health"} <= paths, paths
+    assert not _foreign_resources(driver)
+    driver.get(f"{real_server}/redoc")
+    WebDriverWait(driver, 60).until(lambda d: "/compare" in d.find_element(By.TAG_NAME, "body").text)
+    assert not _foreign_resources(driver, but_images=True)  # ReDoc's footer logo comes from its CDN (cosmetic)
+
+
+def test_persona_form_errors_show_next_to_the_form(driver, real_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 60)
+    driver.get(real_server)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".persona[data-name=tabby_cats]"))
+    driver.find_element(By.CSS_SELECTOR, "#create-card > summary").click()
+    driver.find_element(By.ID, "new-name").send_keys("tabby_cats")  # exists already
+    driver.find_element(By.ID, "new-pos").send_keys("I love my tabby cat.")
+    driver.find_element(By.ID, "new-neg").send_keys("I love my old car.")
+    driver.find_element(By.ID, "create-btn").click()
+    wait.until(lambda d: d.find_element(By.ID, "create-error").is_displayed())
+    text = driver.find_element(By.ID, "create-error").text
+    assert "tabby_cats" in text and "replace an existing vector of that name" in text, text
+    assert "overwrite" not in text  # the API's wording stays in the API
+    assert not driver.find_element(By.ID, "error").is_displayed()
+    inside = driver.execute_script("""
+        const r = document.getElementById('create-error').getBoundingClientRect();
+        return r.top >= 0 && r.bottom <= innerHeight + 1;""")
+    assert inside  # on screen, next to the form
+
+
+def test_larger_text_fits_a_1920x1080_projector(driver, real_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 1920, "height": 1080, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        driver.get(real_server)
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".persona")) >= 3)
+        driver.find_element(By.ID, "bigger").click()
+        report = driver.execute_script("""
+            const out = {size: [innerWidth, innerHeight], below: [], overflow: [], hiddenDesc: []};
+            for (const card of document.querySelectorAll('.persona')) {
+              const c = card.getBoundingClientRect();
+              if (c.bottom > innerHeight) out.below.push(card.dataset.name);
+              for (const el of card.querySelectorAll('*')) {
+                const r = el.getBoundingClientRect();
+                if (r.width && (r.right > c.right + 0.5 || r.left < c.left - 0.5))
+                  out.overflow.push(`${card.dataset.name}: ${el.tagName}#${el.id} by ${Math.round(r.right - c.right)} px`);
+              }
+              const parts = [...card.querySelectorAll('.controls > *')].map((el) => [el, el.getBoundingClientRect()]);
+              for (const [a, ra] of parts) for (const [b, rb] of parts) {
+                const w = Math.min(ra.right, rb.right) - Math.max(ra.left, rb.left);
+                const h = Math.min(ra.bottom, rb.bottom) - Math.max(ra.top, rb.top);
+                if (a !== b && w > 1 && h > 1 && !a.contains(b) && !b.contains(a))
+                  out.overflow.push(`${card.dataset.name}: ${a.tagName}#${a.id} overlaps ${b.tagName}#${b.id}`);
+              }
+              const d = card.querySelector('.desc');
+              if (d && d.textContent && d.getBoundingClientRect().height < 10) out.hiddenDesc.push(card.dataset.name);
+            }
+            out.panesTop = document.querySelector('.panes').getBoundingClientRect().top;
+            out.fontSize = getComputedStyle(document.documentElement).fontSize;
+            return out;""")
+        assert report["size"] == [1920, 1080] and report["fontSize"] == "22px", report
+        assert not report["below"], report  # every persona above the fold
+        assert not report["overflow"], report  # no control sticks out of its card
+        assert not report["hiddenDesc"], report  # descriptions shown
+        assert report["panesTop"] < 1080 * 0.6, report  # and the output panes on screen
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "studio-larger-text-1920x1080.png"))
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
