@@ -124,6 +124,9 @@ def test_help_does_not_import_torch_or_transformers():
             "try:\n    main(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
             "assert not heavy, heavy\n"
-            "assert steerlab.SteeringVector.__name__ == 'SteeringVector' and 'torch' in sys.modules  # lazy, still there")
+            "assert steerlab.SteeringVector.__name__ == 'SteeringVector' and 'torch' in sys.modules  # lazy, still there\n"
+            "import steerlab.generate\n"
+            "from steerlab import generate\n"
+            "assert callable(generate) and steerlab.generate is generate  # the function, not the submodule")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
