@@ -412,3 +412,18 @@ def test_serve_command_honours_env(tiny_dir, tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}" in out
+
+
+def test_precomputed_examples_run_in_their_mode(tiny_model, tmp_path):
+    """A raw example is a completion, a chat example goes through the template; same as generate()."""
+    from steerlab.generate import GenerationOptions, generate
+    from steerlab.server.precompute import example_prompts, precompute
+
+    assert {chat for _, chat in example_prompts(11)} == {True, False}
+    store = make_store(tiny_model, tmp_path / "v")
+    data = precompute(tiny_model, store, {"weeknd": None}, [("the cat", False), ("the cat", True)], max_new_tokens=3)
+    raw, chat = data["personas"]["weeknd"]["examples"]
+    assert (raw["chat"], chat["chat"]) == (False, True)
+    for ex in (raw, chat):
+        expected = generate(tiny_model, "the cat", [], options=GenerationOptions(max_new_tokens=3, chat=ex["chat"]))[0]
+        assert ex["base"] == expected

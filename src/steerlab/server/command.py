@@ -239,7 +239,7 @@ def _load(model_id: str | None, device: str, dtype: str, note):  # noqa: ANN001,
 @click.option("--persona", "personas", multiple=True, metavar="NAME[:STRENGTH]",
               help="Vector to include, optionally at its own strength (repeatable; default: every built-in "
                    "persona at --strength or its default).")
-@click.option("--prompts", "n_prompts", default=3, show_default=True, type=click.IntRange(1, 10),
+@click.option("--prompts", "n_prompts", default=4, show_default=True, type=click.IntRange(1, 11),
               help="How many of the studio's example prompts to use.")
 @click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(1, 256))
 @click.option("--strength", default=None, type=click.FloatRange(-STRENGTH_LIMIT, STRENGTH_LIMIT),
@@ -250,7 +250,8 @@ def examples(out_path, personas, n_prompts, max_new_tokens, strength, model_id, 
              vectors_dir) -> None:  # noqa: ANN001
     """Regenerate the pre-computed base vs steered examples the studio shows without a model.
 
-    Greedy decoding; all rows (each prompt's base, each persona's steered text) in one batch.
+    Greedy decoding; each example runs in its mode (chat or raw); all rows of a mode (each prompt's
+    base, each persona's steered text) in one batch.
     """
     from ..personas import builtin_names
     from .precompute import default_output, example_prompts, precompute, write_json

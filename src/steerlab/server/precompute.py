@@ -2,7 +2,8 @@
 
 Owns the content of ``steerlab/data/precomputed.json`` (the seed's ``examples/`` folder) and
 how it is made: greedy decoding, every row (each prompt's base and each persona's steered
-version) in ONE batched generation, so the base text is shared by all personas.
+version) in one batched generation per mode (chat template or raw completion, as each example
+prompt says), so the base text is shared by all personas.
 """
 
 from __future__ import annotations
@@ -25,31 +26,37 @@ def default_output() -> Path:
     return Path(str(resources.files("steerlab").joinpath("data", "precomputed.json")))
 
 
-def example_prompts(n: int) -> list[str]:
+def example_prompts(n: int) -> list[tuple[str, bool]]:
+    """The first ``n`` studio examples as (prompt, chat): each runs in the mode it was written for
+    (``"mode": "chat"`` through the chat template, ``"raw"`` as a completion)."""
     data = json.loads(resources.files("steerlab").joinpath("data", "examples.json").read_text(encoding="utf-8"))
-    return [e["prompt"] for e in data[:n]]
+    return [(e["prompt"], e.get("mode", "chat") == "chat") for e in data[:n]]
 
 
-def precompute(lm, store: VectorStore, strengths: dict[str, float | None], prompts: list[str], *,
+def precompute(lm, store: VectorStore, strengths: dict[str, float | None], prompts: list[tuple[str, bool]], *,
                max_new_tokens: int = 48) -> dict[str, Any]:  # noqa: ANN001
-    """Greedy base and steered completions of ``prompts`` for each vector named in ``strengths``
-    (at that strength; None: the vector's default)."""
+    """Greedy base and steered completions of ``prompts`` ((text, chat) pairs) for each vector
+    named in ``strengths`` (at that strength; None: the vector's default). One batch per mode."""
     vectors = {name: store.get(name) for name in strengths}  # builds a missing built-in persona first
-    rows_prompts = list(prompts)
-    rows_steering: list[list[Steer]] = [[] for _ in prompts]
-    for name, vec in vectors.items():
-        rows_prompts += prompts
-        rows_steering += [[Steer(vec, strength=strengths[name])] for _ in prompts]
-    texts = generate(lm, rows_prompts, rows_steering, options=GenerationOptions(max_new_tokens=max_new_tokens))
-    base, steered = texts[: len(prompts)], texts[len(prompts):]
+    texts: dict[tuple[int, str | None], str] = {}  # (prompt index, persona or None for base) -> text
+    for chat in (True, False):
+        chosen = [i for i, (_, c) in enumerate(prompts) if c == chat and (lm.has_chat_template or not c)]
+        if not chosen:
+            continue
+        keys = [(i, None) for i in chosen] + [(i, name) for name in vectors for i in chosen]
+        steering = [[] if name is None else [Steer(vectors[name], strength=strengths[name])] for _, name in keys]
+        outs = generate(lm, [prompts[i][0] for i, _ in keys], steering,
+                        options=GenerationOptions(max_new_tokens=max_new_tokens, chat=chat))
+        texts |= dict(zip(keys, outs, strict=True))
+    done = sorted({i for i, _ in texts})
     personas = {}
-    for i, (name, vec) in enumerate(vectors.items()):
-        outs = steered[i * len(prompts): (i + 1) * len(prompts)]
+    for name, vec in vectors.items():
         personas[name] = {
             "strength": strengths[name] if strengths[name] is not None else vec.default_strength,
             "layers": vec.active_layers,
             "description": vec.description,
-            "examples": [{"prompt": p, "base": b, "steered": s} for p, b, s in zip(prompts, base, outs, strict=True)],
+            "examples": [{"prompt": prompts[i][0], "chat": prompts[i][1], "base": texts[(i, None)],
+                          "steered": texts[(i, name)]} for i in done],
         }
     return {
         "model": lm.model_id,
