@@ -130,3 +130,14 @@ def test_help_does_not_import_torch_or_transformers():
             "assert callable(generate) and steerlab.generate is generate  # the function, not the submodule")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_vectors_folder_keeps_models_apart(tmp_path, monkeypatch):
+    """A vector carries its model; by default each model other than the embedded one gets a subfolder."""
+    from steerlab.models import DEFAULT_MODEL, GEMMA_MODEL
+    from steerlab.options import model_vectors_dir
+
+    monkeypatch.setenv("STEERLAB_VECTORS", str(tmp_path))
+    assert model_vectors_dir(DEFAULT_MODEL) == tmp_path
+    assert model_vectors_dir(GEMMA_MODEL) == tmp_path / "google_gemma-3-270m"
+    assert model_vectors_dir("/models/my llama/") == tmp_path / "models_my_llama"

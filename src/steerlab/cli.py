@@ -280,6 +280,10 @@ def list_(vectors_dir) -> None:  # noqa: ANN001
     missing = [p for p in available_personas() if p not in vecs]
     if missing:
         click.echo(f"personas not built yet: {', '.join(missing)}")
+    if vectors_dir is None and folder.is_dir():  # other models' vectors live in subfolders
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.safetensors"))):
+            click.echo(f"other model's vectors: {sub} ({len(list(sub.glob('*.safetensors')))}; "
+                       f"steerlab list --vectors {sub})")
 
 
 # ---- commands from other modules register here ------------------------------------------------

