@@ -30,7 +30,8 @@ def command_lines(path: Path) -> list[str]:
         line = raw.strip()
         if fence == "text":
             continue
-        if (fence is not None or raw.startswith("    ")) and "`" not in line and re.match(r"^([A-Z_]+=\S+\s+)*steerlab\s", line):
+        in_code = fence is not None or raw.startswith("    ")
+        if in_code and "`" not in line and re.match(r"^([A-Z_]+=\S+\s+)*steerlab\s", line):
             out.append(line.split(" #")[0].strip())
     return out
 

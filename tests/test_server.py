@@ -308,7 +308,8 @@ def test_list_vectors_and_plot(server):
     assert c.get("/vectors/nope").status_code == 404
     (server.store.folder / "toronto.sweep.png").write_bytes(PNG)
     try:
-        assert c.get("/vectors/toronto").json()["plot"].startswith("/vectors/toronto/plot?v=")  # versioned: no stale cache
+        plot = c.get("/vectors/toronto").json()["plot"]
+        assert plot.startswith("/vectors/toronto/plot?v=")  # versioned: a browser never shows a stale plot
         r = c.get("/vectors/toronto/plot")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content == PNG
     finally:

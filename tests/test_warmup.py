@@ -129,7 +129,8 @@ def test_serve_with_a_model_that_does_not_load_exits_1_with_one_line(tmp_path):
 
     exe = os.path.join(os.path.dirname(sys.executable), "steerlab")
     r = subprocess.run([exe, "serve", "--model", str(tmp_path / "no-such-model"), "--vectors", str(tmp_path / "v"),
-                        "--port", str(free_port()), "--log-level", "warning"], capture_output=True, text=True, timeout=120)
+                        "--port", str(free_port()), "--log-level", "warning"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "could not load model" in errors[0] and "Traceback" not in r.stderr, r.stderr

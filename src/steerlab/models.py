@@ -213,7 +213,8 @@ def resolve_model_source(model_id: str | None, *, notify: Callable[[str], None] 
         target = _converted_dir("gemma-3-270m")
         if not _cache_is_current(target):
             if notify is not None:
-                notify(f"first run: assembling and converting Gemma 3 270M once (minutes on a CPU; cached in {target})...")
+                notify("first run: assembling and converting Gemma 3 270M once "
+                       f"(minutes on a CPU; cached in {target})...")
             _convert_embedded(target, gemma_gguf_path(), base=True)
         return str(target), GEMMA_MODEL
     return model_id, model_id  # type: ignore[return-value]

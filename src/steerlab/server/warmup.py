@@ -123,7 +123,8 @@ class WarmingUp:
             self._inner_task.cancel()
 
 
-async def _respond(send, status: int, body: bytes, content_type: str, extra: list | None = None) -> None:  # noqa: ANN001
+async def _respond(send, status: int, body: bytes, content_type: str,  # noqa: ANN001
+                   extra: list | None = None) -> None:
     headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),
                (b"cache-control", b"no-store"), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
