@@ -69,3 +69,22 @@ def test_the_studio_serves_gemma(gemma, gemma_cats, tmp_path):
         assert r.status_code == 200 and r.json()["base"] != r.json()["steered"], r.text
         r = httpx.post(f"{url}/compare", json={"prompt": "Hi", "steering": "tabby_cats", "chat": True}, timeout=60)
         assert r.status_code == 400 and "chat template" in r.json()["error"]
+
+
+def test_a_sweep_on_gemma_stores_its_defaults(gemma, tmp_path):
+    """`steerlab sweep --model gemma-3-270m`: builds the persona into gemma's own vectors folder, then
+    stores the chosen layer and strength there (a tiny grid: 2 layers x 2 strengths x 2 prompts)."""
+    from click.testing import CliRunner
+
+    from steerlab.cli import main
+    from steerlab.options import model_vectors_dir
+    from steerlab.vectors import SteeringVector
+
+    r = CliRunner().invoke(main, ["sweep", "tabby_cats", "--model", "gemma-3-270m", "--device", "cpu",
+                                  "--layers", "6,9", "--strengths", "0.2,0.5", "--prompts", "2",
+                                  "--max-new-tokens", "12", "--out", str(tmp_path / "sweep")])
+    assert r.exit_code == 0, r.output
+    folder = model_vectors_dir(GEMMA_MODEL)
+    vec = SteeringVector.load(folder / "tabby_cats.safetensors", model_id=GEMMA_MODEL)
+    assert list(vec.active_layers) in ([6], [9]) and vec.default_strength in (0.2, 0.5)
+    assert (folder / "tabby_cats.sweep.png").is_file()
