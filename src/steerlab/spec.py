@@ -42,6 +42,7 @@ OPERATORS: tuple[str, ...] = ("add", "add_norm", "target", "cap", "rotate")
 SINK_RATIO = 8.0  # a token whose residual norm is this many typical norms is an attention sink
 DOSE_LIMIT = 3.0  # doses past 1 are allowed (to see the text break) up to this
 DEFAULT_OPERATOR = "add"
+DEFAULT_GOVERNOR = False  # for vectors never calibrated; calibration turns it on (docs/dose.md)
 DEFAULT_DOSE = 0.7  # what a calibrated vector applies when no amount is given
 
 
@@ -65,7 +66,7 @@ class Steer:
     governor: bool | None = None
 
 
-SteerLike = Steer | SteeringVector | tuple
+SteerLike = "Steer | SteeringVector | tuple | Resolved"
 
 
 def as_steer(item: SteerLike) -> Steer:
@@ -97,6 +98,7 @@ class Resolved:
     """A :class:`Steer` with every field decided, plus its terms."""
 
     steer: Steer
+    dose: float | None  # the dose given, or the vector's default dose; None when a strength/scale was given
     strength: float | None
     scale: float | None
     layers: tuple[int, ...]
@@ -110,8 +112,8 @@ class Resolved:
         """JSON-able record of what was applied (responses, CLI)."""
         d = {"vector": self.steer.vector.name, "operator": self.operator, "layers": list(self.layers),
              "positions": self.positions, "governor": self.governor}
-        if self.steer.dose is not None:
-            d["dose"] = self.steer.dose
+        if self.dose is not None:
+            d["dose"] = self.dose
         if self.scale is not None:
             d["scale"] = self.scale
         else:
@@ -138,22 +140,30 @@ def parse_positions(text: str) -> str | int:
         raise SteeringError(f"positions {text!r}: use all, generated or from:N (e.g. from:5)") from None
 
 
-def window(vector: SteeringVector, operator: str) -> dict | None:
-    """The measured dose window of ``vector`` for ``operator`` (see :mod:`steerlab.calibrate`)."""
-    return (vector.extra.get("windows") or {}).get(operator)
+def window_key(operator: str, governor: bool) -> str:
+    return operator + ("+governor" if governor else "")
+
+
+def window(vector: SteeringVector, operator: str, governor: bool = False) -> dict | None:
+    """The measured dose window of ``vector`` for ``operator`` (with or without the governor;
+    see :mod:`steerlab.calibrate`). A window measured with the governor serves only governed rows."""
+    return (vector.extra.get("windows") or {}).get(window_key(operator, governor))
 
 
 def default_dose(vector: SteeringVector) -> float:
     return float(vector.extra.get("default_dose", DEFAULT_DOSE))
 
 
-def dose_to_strength(vector: SteeringVector, operator: str, dose: float, layers: Sequence[int]) -> tuple[float, str]:
+def dose_to_strength(vector: SteeringVector, operator: str, dose: float, layers: Sequence[int],
+                     governor: bool = False) -> tuple[float, str]:
     """``dose x max_strength`` of the window; rescaled by layer count when ``layers`` differ."""
-    w = window(vector, operator)
+    w = window(vector, operator, governor)
     if w is None:
+        flag = " --governor" if governor else ""
         raise SteeringError(
-            f"{vector.name} has no measured dose window for operator {operator!r}: run "
-            f"`steerlab calibrate {vector.name} --operator {operator}` (or give a strength)")
+            f"{vector.name} has no measured dose window for operator {operator!r}"
+            f"{' with the governor' if governor else ''}: run `steerlab calibrate {vector.name} --operator "
+            f"{operator}{flag}` (or give a strength)")
     strength = dose * float(w["max_strength"])
     cal_layers = [int(x) for x in w["layers"]]
     note = ""
@@ -168,6 +178,8 @@ def dose_to_strength(vector: SteeringVector, operator: str, dose: float, layers:
 def resolve(item: SteerLike, n_layers: int, *, operator: str | None = None, positions: str | int | None = None,
             governor: bool | None = None) -> Resolved:
     """Fill an entry's gaps (entry > call-level defaults given here > the vector's) and build its terms."""
+    if isinstance(item, Resolved):
+        return item
     st = as_steer(item)
     vec = st.vector
     given = [k for k in ("dose", "strength", "scale") if getattr(st, k) is not None]
@@ -179,27 +191,26 @@ def resolve(item: SteerLike, n_layers: int, *, operator: str | None = None, posi
     pos = check_positions(st.positions if st.positions is not None else
                           positions if positions is not None else vec.extra.get("positions", "all"))
     gov = bool(st.governor if st.governor is not None else governor if governor is not None
-               else vec.extra.get("governor", False))
+               else vec.extra.get("governor", DEFAULT_GOVERNOR))
     layers = tuple(check_layers(list(st.layers), n_layers)) if st.layers else tuple(vec.active_layers)
     check_layers(list(layers), n_layers)
     missing = [x for x in layers if x not in vec.directions]
     if missing:
         raise SteeringError(f"{vec.name} has no direction at layers {missing}; it has {vec.layers}")
     note = ""
-    strength, scale = st.strength, st.scale
-    if st.dose is not None:
-        if not -DOSE_LIMIT <= st.dose <= DOSE_LIMIT:
-            raise SteeringError(f"dose {st.dose} is outside -{DOSE_LIMIT:g}..{DOSE_LIMIT:g} (1 = the strongest fluent setting)")
-        strength, note = dose_to_strength(vec, op, st.dose, layers)
+    strength, scale, dose = st.strength, st.scale, st.dose
+    if dose is None and strength is None and scale is None and window(vec, op, gov) is not None:
+        dose = default_dose(vec)  # a measured vector's default is a dose
+    if dose is not None:
+        if not -DOSE_LIMIT <= dose <= DOSE_LIMIT:
+            raise SteeringError(f"dose {dose} is outside -{DOSE_LIMIT:g}..{DOSE_LIMIT:g} (1 = the strongest fluent setting)")
+        strength, note = dose_to_strength(vec, op, dose, layers, gov)
     elif strength is None and scale is None:
-        if window(vec, op) is not None:  # a measured vector's default is a dose
-            strength, note = dose_to_strength(vec, op, default_dose(vec), layers)
-        else:
-            strength = vec.default_strength
+        strength = vec.default_strength
     if scale is not None and op not in ("add", "add_norm"):
         raise SteeringError(f"scale is for the add operators; give {op!r} a dose or strength")
     terms = tuple(_term(vec, layer, op, strength, scale, pos) for layer in layers)
-    return Resolved(st, strength, scale, layers, op, pos, gov, note, terms)
+    return Resolved(st, dose, strength, scale, layers, op, pos, gov, note, terms)
 
 
 def _term(vec: SteeringVector, layer: int, op: str, strength: float | None, scale: float | None,

@@ -115,7 +115,8 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
 
     # ---- generation -----------------------------------------------------------------------
     def make_job(req: GenerateRequest | CompareRequest, compare: bool) -> tuple[GenJob, bridge.Channel, list]:
-        steers, applied = resolve_steering(req.steering, req.strength, store=store, lm=lm, settings=settings)
+        steers, applied = resolve_steering(req.steering, req.strength, store=store, lm=lm, settings=settings,
+                                           dose=req.dose, governor=req.governor, positions=req.positions)
         if compare and not steers:
             raise HTTPException(400, "compare needs steering: name a vector (GET /vectors lists them)")
         opts = options(req, steers, lm=lm, max_new_tokens=req.max_length, chat=req.chat)
@@ -135,7 +136,8 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
                payload) -> StreamingResponse:  # noqa: ANN001
         frames = bridge.stream_events(
             job, channel, request, first=[bridge.sse("start", {"rows": rows, "applied": applied})],
-            delta=lambda d: bridge.sse("delta", {"row": rows[d.row], "text": d.text}),
+            delta=lambda d: bridge.sse("delta", {"row": rows[d.row], "text": d.text}
+                                       | ({} if d.gain is None else {"gain": d.gain})),
             done=lambda d: [bridge.sse("done", payload(d))],
             error=lambda e: [bridge.sse("error", {"error": e.detail, "status": e.status_code})],
         )
@@ -148,7 +150,8 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         def payload(done: Done) -> dict[str, Any]:
             row = done.rows[0]
             return {"success": True, "prompt": req.prompt, "generated": row.text, "steering": label(applied),
-                    "applied": applied, "tokens": row.tokens, "finish_reason": row.finish_reason, **meta(done)}
+                    "applied": applied, "tokens": row.tokens, "finish_reason": row.finish_reason,
+                    "governor": row.governor, **meta(done)}
 
         if req.stream:
             return stream(job, channel, request, ["generated"], applied, payload)
@@ -162,7 +165,8 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
             base, steered = done.rows
             return {"success": True, "prompt": req.prompt, "base": base.text, "steered": steered.text,
                     "steering_type": label(applied), "applied": applied,
-                    "tokens": {"base": base.tokens, "steered": steered.tokens}, **meta(done)}
+                    "tokens": {"base": base.tokens, "steered": steered.tokens}, "governor": steered.governor,
+                    **meta(done)}
 
         if req.stream:
             return stream(job, channel, request, ["base", "steered"], applied, payload)

@@ -54,7 +54,8 @@ async def chat_completions(req: ChatRequest, request: Request) -> Any:
     state = request.app.state
     lm, settings = state.lm, state.settings
     prompt, chat = render(lm, req.messages, adds_special=state.adds_special_tokens)
-    steers, applied = resolve_steering(req.steering, req.strength, store=state.store, lm=lm, settings=settings)
+    steers, applied = resolve_steering(req.steering, req.strength, store=state.store, lm=lm, settings=settings,
+                                       dose=req.dose, governor=req.governor)
     opts = options(req, steers, lm=lm, max_new_tokens=req.new_tokens, chat=chat)
     channel = bridge.Channel()
     job = GenJob(prompts=[prompt], steering=[steers], options=opts, emit=channel.emit,
