@@ -124,6 +124,20 @@ def test_steering_changes_output_and_never_leaks(server):
     assert zero["generated"] == base and _brief(zero["applied"]) == [{"vector": "weeknd", "strength": 0.0, "layers": [2]}]
 
 
+def test_operators_positions_and_governor_per_entry(server):
+    c = server.client
+    base = c.post("/generate", json=greedy()).json()["generated"]
+    for entry in ({"operator": "target", "strength": 2.0}, {"operator": "rotate", "strength": 0.5},
+                  {"operator": "add", "strength": 4.0, "positions": 2}):
+        body = c.post("/generate", json=greedy(steering=[{"vector": "weeknd", **entry}])).json()
+        assert body["generated"] != base, entry
+        applied = body["applied"][0]
+        assert applied["operator"] == entry["operator"] and applied["positions"] == entry.get("positions", "all")
+    gov = c.post("/compare", json=greedy(steering=[{"vector": "weeknd", "strength": 4.0, "governor": True}])).json()
+    assert gov["applied"][0]["governor"] is True and gov["governor"]["steps"] == 8
+    assert c.post("/generate", json=greedy()).json()["generated"] == base
+
+
 def test_compare_is_one_batch_matching_separate_runs(server):
     c = server.client
     cmp = c.post("/compare", json=greedy(steering="weeknd")).json()
@@ -167,6 +181,11 @@ def test_seed_makes_sampling_reproducible(server):
     ({"prompt": "x", "steering": "nope"}, 404, "available tabby_cats, toronto, weeknd"),
     ({"prompt": "x", "steering": [{"vector": "weeknd", "layers": [9]}]}, 400, "numbered 0..3"),
     ({"prompt": "x"}, 400, "compare needs steering"),
+    ({"prompt": "x", "steering": [{"vector": "weeknd", "dose": 0.5}]}, 400, "steerlab calibrate weeknd"),
+    ({"prompt": "x", "steering": [{"vector": "weeknd", "dose": 0.5, "strength": 1}]}, 400, "one of dose, strength"),
+    ({"prompt": "x", "steering": [{"vector": "weeknd", "dose": 7}]}, 422, "steering.0.dose"),
+    ({"prompt": "x", "steering": [{"vector": "weeknd", "operator": "mul"}]}, 422, "steering.0.operator"),
+    ({"prompt": "x", "steering": [{"vector": "weeknd", "operator": "rotate", "scale": 2}]}, 400, "scale is for"),
 ])
 def test_refusals_are_clear(server, body, status, needle):
     r = server.client.post("/compare", json=body)

@@ -158,6 +158,11 @@ def dose_to_strength(vector: SteeringVector, operator: str, dose: float, layers:
                      governor: bool = False) -> tuple[float, str]:
     """``dose x max_strength`` of the window; rescaled by layer count when ``layers`` differ."""
     w = window(vector, operator, governor)
+    fallback = ""
+    if w is None and not governor and window(vector, operator, True) is not None:
+        w = window(vector, operator, True)
+        fallback = ("dose window measured with the governor, which is off here: the text may break earlier "
+                    f"(`steerlab calibrate {vector.name} --no-governor` measures it without)")
     if w is None:
         flag = " --governor" if governor else ""
         raise SteeringError(
@@ -172,7 +177,7 @@ def dose_to_strength(vector: SteeringVector, operator: str, dose: float, layers:
         strength *= len(cal_layers) / len(layers)
         note = (f"dose window measured at layers {cal_layers}; rescaled for {len(layers)} layer(s) "
                 f"(calibrate for these layers to measure it)")
-    return strength, note
+    return strength, "; ".join(x for x in (fallback, note) if x)
 
 
 def resolve(item: SteerLike, n_layers: int, *, operator: str | None = None, positions: str | int | None = None,
