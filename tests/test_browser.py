@@ -1,8 +1,8 @@
 """The studio page in a real headless Chromium (Debian's chromium + chromedriver, via Selenium).
 
 Loads the page from a real server on the real model, picks an example and a persona, moves the
-strength slider, runs a compare and checks both panes fill with different text and that the
-request (and the server's echo of it) carries the slider's strength. Saves a screenshot to
+dose slider, runs a compare and checks both panes fill with different text and that the
+request (and the server's echo of it) carries the slider's dose. Saves a screenshot to
 ``artifacts/studio.png``. Skips, saying how to get a browser, where none is installed.
 """
 
@@ -89,10 +89,11 @@ def test_compare_in_the_page(driver, real_server):
     sent = driver.execute_script("return window.steerlab.lastRequest")
     assert sent["prompt"] == prompt and sent["max_length"] == 32 and sent["stream"] is True
     assert [s["vector"] for s in sent["steering"]] == ["tabby_cats"]
-    assert sent["steering"][0]["strength"] == pytest.approx(after)  # the slider's value went out
+    assert sent["steering"][0]["dose"] == pytest.approx(after)  # the dose slider's value went out
     echoed = driver.execute_script("return window.steerlab.lastResult.applied")
-    assert echoed[0]["strength"] == pytest.approx(after)  # and the server applied it
-    assert f"×{after:.2f}" in driver.find_element(By.ID, "steered-tag").text
+    assert echoed[0]["dose"] == pytest.approx(after)  # and the server applied it
+    assert driver.find_element(By.CSS_SELECTOR, "[data-name=tabby_cats] .zone .breaks").text == "past 1: breaks the text"
+    assert f"dose {after:.2f}" in driver.find_element(By.ID, "steered-tag").text
     assert "curl" in driver.find_element(By.ID, "api-call").get_attribute("textContent")
     ARTIFACTS.mkdir(exist_ok=True)
     driver.execute_script("window.scrollTo(0, 0)")

@@ -1,12 +1,13 @@
 """steerlab command line: build vectors, generate and compare, serve the studio.
 
-Quick start::
+Quick start:
 
-    steerlab build                                   # built-in personas -> vectors folder
-    steerlab generate "The future of technology is" --steer tabby_cats
-    steerlab compare "Climate change is affecting" --steer toronto:0.6
+\b
+    steerlab build                          # built-in personas -> vectors folder, dose windows measured
+    steerlab generate "Plan my weekend" --steer tabby_cats --dose 0.8
+    steerlab compare "Plan my weekend" --steer weeknd:dose=0.5 --steer toronto:dose=0.5
     steerlab list
-    steerlab serve                                   # web studio on http://127.0.0.1:5050
+    steerlab serve                          # web studio on http://127.0.0.1:5050
 
 Library errors become one line on stderr and a non-zero exit; ``--debug`` shows tracebacks.
 """

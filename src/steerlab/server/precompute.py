@@ -33,21 +33,24 @@ def example_prompts(n: int) -> list[str]:
 def precompute(lm, store: VectorStore, strengths: dict[str, float | None], prompts: list[str], *,
                max_new_tokens: int = 48) -> dict[str, Any]:  # noqa: ANN001
     """Greedy base and steered completions of ``prompts`` for each vector named in ``strengths``
-    (at that strength; None: the vector's default)."""
+    (at that strength; None: the vector's default, a dose once its window is measured)."""
     vectors = {name: store.get(name) for name in strengths}  # builds a missing built-in persona first
     rows_prompts = list(prompts)
     rows_steering: list[list[Steer]] = [[] for _ in prompts]
     for name, vec in vectors.items():
         rows_prompts += prompts
         rows_steering += [[Steer(vec, strength=strengths[name])] for _ in prompts]
-    texts = generate(lm, rows_prompts, rows_steering, options=GenerationOptions(max_new_tokens=max_new_tokens))
+    report: dict = {}
+    texts = generate(lm, rows_prompts, rows_steering, options=GenerationOptions(max_new_tokens=max_new_tokens),
+                     report=report)
     base, steered = texts[: len(prompts)], texts[len(prompts):]
     personas = {}
     for i, (name, vec) in enumerate(vectors.items()):
         outs = steered[i * len(prompts): (i + 1) * len(prompts)]
+        applied = report["steering"][len(prompts) * (i + 1)][0]
         personas[name] = {
-            "strength": strengths[name] if strengths[name] is not None else vec.default_strength,
-            "layers": vec.active_layers,
+            **{k: applied[k] for k in ("dose", "strength", "scale", "operator", "governor") if k in applied},
+            "layers": applied["layers"],
             "description": vec.description,
             "examples": [{"prompt": p, "base": b, "steered": s} for p, b, s in zip(prompts, base, outs, strict=True)],
         }
