@@ -138,3 +138,23 @@ def test_parse_steer(spec, want):
 def test_parse_steer_errors_show_the_form():
     with pytest.raises(click.BadParameter, match="dose=0.5"):
         parse_steer("cats:volume=3")
+
+
+def test_optimize_trains_the_direction_toward_the_positives(tiny_lm):
+    from steerlab.extract import build_vector
+    from steerlab.optimize import optimize_vector
+
+    pos = ["the cat sat on the mat", "a cat purrs softly", "my cat naps all day", "the cat wants fish"]
+    neg = ["the car sat in the lot", "a car hums softly", "my car parks all day", "the car wants fuel"]
+    start = build_vector(tiny_lm, pos, neg, layers=[1, 2], default_layers=[1, 2], default_strength=0.5,
+                         progress=False, name="cats")
+    losses: list[float] = []
+    vec = optimize_vector(tiny_lm, start, pos, neg, steps=12, lr=0.05, progress=False,
+                          on_step=lambda i, loss: losses.append(loss))
+    assert vec.method == "optimize" and vec.layers == start.layers and len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns
+    for layer in (1, 2):
+        assert float(vec.directions[layer].norm()) == pytest.approx(1.0, abs=1e-4)
+        assert not torch.equal(vec.directions[layer], start.directions[layer])
+    assert vec.default_strength > 0 and "windows" not in vec.extra  # a new direction: measure it again
+    assert all(p.grad is None or not p.requires_grad for p in tiny_lm.model.parameters())

@@ -178,8 +178,9 @@ def _describe(steering, lm) -> str:  # noqa: ANN001
               help="Folder to write vectors to (default: the vectors folder). Env: STEERLAB_VECTORS.")
 @click.option("--layer", "layer_spec", default="all", show_default=True,
               help="Layers to compute directions at: all, 12, 10,12,14 or 4:24:2.")
-@click.option("--method", type=click.Choice(["mean_diff", "pca", "probe"]), default=None,
-              help="Direction estimator (default: the persona's, else mean_diff).")
+@click.option("--method", type=click.Choice(["mean_diff", "pca", "probe", "optimize"]), default=None,
+              help="Direction estimator (default: the persona's, else mean_diff); optimize trains the mean "
+                   "difference by gradient (a few minutes on a CPU; docs/dose.md).")
 @click.option("--pooling", default=None, help="mean (default), last or window:K.")
 @click.option("--chat/--plain", "chat", default=None, help="Render contrast texts as assistant replies.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))

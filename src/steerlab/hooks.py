@@ -29,7 +29,7 @@ from .errors import SteeringError
 from .layers import check_layers
 from .spec import SINK_RATIO, Resolved, Steer, SteerLike, as_steer, check_positions, resolve, resolve_rows
 
-__all__ = ["Positions", "RowSteering", "Steer", "SteerLike", "add_at_front", "as_steer", "build_deltas", "capture",
+__all__ = ["Positions", "RowSteering", "Steer", "SteerLike", "add_at_front", "add_trainable", "as_steer", "build_deltas", "capture",
            "run_until_captured", "steer", "steering_rows"]
 
 Positions = Literal["all", "generated"]
@@ -295,6 +295,29 @@ def add_at_front(lm, layer: int, delta: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def add_trainable(lm, deltas: dict[int, torch.Tensor], sign: torch.Tensor) -> Iterator[None]:
+    """Add ``sign[row] * deltas[layer]`` to block outputs, keeping the autograd graph (for training
+    a vector: :mod:`steerlab.optimize`). ``sign`` is a ``[rows]`` tensor of +1 / -1 / 0."""
+    handles = []
+
+    def make(delta: torch.Tensor):  # noqa: ANN202
+        def hook(module, args, output):  # noqa: ANN001, ANN202
+            hidden = output[0] if isinstance(output, tuple) else output
+            new = hidden + sign.to(hidden.dtype)[:, None, None] * delta.to(hidden.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    try:
+        for layer, delta in deltas.items():
+            handles.append(lm.layers[check_layers([layer], lm.n_layers)[0]].register_forward_hook(make(delta)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class _StopForward(Exception):
