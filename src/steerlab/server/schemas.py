@@ -30,6 +30,10 @@ NO_STEERING = {"", "none", "base"}  # the seed's page sent "none" for the unstee
 VectorName = Annotated[str, StringConstraints(pattern=NAME_PATTERN.pattern)]
 Strength = Annotated[float, Field(ge=-STRENGTH_LIMIT, le=STRENGTH_LIMIT)]
 Layer = Annotated[int, Field(ge=0, le=4095)]
+ReadNames = Annotated[list[VectorName] | None, Field(
+    max_length=MAX_VECTORS,
+    description="Vectors whose concept to read in the output, token by token, in neutral standard deviations "
+                "(0 = typical neutral text; docs/glassbox.md). Omitted: nothing is read, no cost.")]
 
 
 def check_steering(v: Any) -> Any:
@@ -79,6 +83,7 @@ class _Sampling(BaseModel):
     positions: Literal["all", "generated"] | None = Field(
         None, description="Steer every position, or only generated ones (default: the vector's setting).")
     stream: bool = Field(False, description="Stream tokens as server-sent events.")
+    read: ReadNames = None
 
     @field_validator("steering", mode="before")
     @classmethod
@@ -173,6 +178,7 @@ class ChatRequest(BaseModel):
     stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true} adds a usage chunk.')
     steering: Annotated[Steering, Field(description="As in /generate.")] = None
     strength: Strength | None = None
+    read: ReadNames = None
 
     @field_validator("steering", mode="before")
     @classmethod
