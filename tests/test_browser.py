@@ -98,3 +98,35 @@ def test_compare_in_the_page(driver, real_server):
     ARTIFACTS.mkdir(exist_ok=True)
     driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(str(ARTIFACTS / "studio.png"))
+
+
+def test_concept_highlighting_in_the_page(driver, real_server):
+    """Glass box: ticking "highlight the concept" colours both panes' tokens by their reading,
+    with a legend and the number on hover. Screenshot: ``artifacts/glassbox.png``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 60)
+    driver.get(real_server)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".persona[data-name=tabby_cats]"))
+    driver.find_element(By.ID, "prompt").send_keys("Tell me about your weekend plans.")
+    driver.find_element(By.CSS_SELECTOR, "label[for=use-tabby_cats]").click()
+    driver.find_element(By.ID, "read").click()
+    runs = driver.execute_script("return window.steerlab.runs")
+    driver.find_element(By.ID, "run").click()
+    WebDriverWait(driver, 400).until(lambda d: d.execute_script("return window.steerlab.runs") > runs)
+    assert driver.execute_script("return window.steerlab.lastRequest.read") == ["tabby_cats"]
+    result = driver.execute_script("return window.steerlab.lastResult")
+    for row in ("base", "steered"):
+        spans = driver.find_elements(By.CSS_SELECTOR, f"#{row}-out .tok")
+        assert len(spans) == len(result["read"][row]["tokens"]) > 0
+        assert "".join(s.get_attribute("textContent") for s in spans) == result[row]
+        assert spans[0].get_attribute("title").startswith("tabby_cats: ")
+    legend = driver.find_element(By.ID, "read-legend")
+    assert legend.is_displayed() and "tabby_cats reading" in legend.text
+    steered_mean = result["read"]["steered"]["mean"]["tabby_cats"]
+    base_mean = result["read"]["base"]["mean"]["tabby_cats"]
+    assert steered_mean > base_mean  # the steered reply carries more of the concept
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.execute_script("document.getElementById('base-out').scrollIntoView({block: 'center'})")
+    driver.save_screenshot(str(ARTIFACTS / "glassbox.png"))

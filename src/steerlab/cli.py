@@ -342,7 +342,8 @@ def compare(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noqa
 
 @main.command("list")
 @vectors_option
-def list_(vectors_dir) -> None:  # noqa: ANN001
+@click.option("--details", is_flag=True, help="Also show each vector's logit lens (loads the model).")
+def list_(vectors_dir, details) -> None:  # noqa: ANN001
     """List built vectors (with metadata) and personas available to build."""
     from .paths import default_vectors_dir
     from .personas import available_personas, load_vectors
@@ -356,6 +357,10 @@ def list_(vectors_dir) -> None:  # noqa: ANN001
         layers = f"{v.layers[0]}..{v.layers[-1]}" if len(v.layers) > 3 else ",".join(map(str, v.layers))
         click.echo(f"  {name:<16} model={v.model_id} layers={layers} default_layers={list(v.active_layers)} "
                    f"strength={v.default_strength} method={v.method} pooling={v.pooling} created={v.created_at}")
+    if details:
+        from .glass_command import print_details
+
+        print_details(vecs)
     missing = [p for p in available_personas() if p not in vecs]
     if missing:
         click.echo(f"personas not built yet: {', '.join(missing)}")
@@ -377,3 +382,9 @@ from .interop_command import compare_methods_cmd, export_cmd, import_cmd  # noqa
 main.add_command(export_cmd)
 main.add_command(import_cmd)
 main.add_command(compare_methods_cmd)
+
+from .glass_command import doctor_cmd, inspect_cmd, similar_cmd  # noqa: E402
+
+main.add_command(inspect_cmd)
+main.add_command(doctor_cmd)
+main.add_command(similar_cmd)

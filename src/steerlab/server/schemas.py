@@ -33,6 +33,10 @@ Strength = Annotated[float, Field(ge=-STRENGTH_LIMIT, le=STRENGTH_LIMIT)]
 Layer = Annotated[int, Field(ge=0, le=4095)]
 Dose = Annotated[float, Field(ge=-DOSE_LIMIT, le=DOSE_LIMIT)]
 OperatorName = Literal["add", "add_norm", "target", "cap", "rotate"]
+ReadNames = Annotated[list[VectorName] | None, Field(
+    max_length=MAX_VECTORS,
+    description="Vectors whose concept to read in the output, token by token, in neutral standard deviations "
+                "(0 = typical neutral text; docs/glassbox.md). Omitted: nothing is read, no cost.")]
 
 
 def check_steering(v: Any) -> Any:
@@ -94,6 +98,7 @@ class _Sampling(BaseModel):
     positions: Literal["all", "generated"] | None = Field(
         None, description="Steer every position, or only generated ones (default: the vector's setting).")
     stream: bool = Field(False, description="Stream tokens as server-sent events.")
+    read: ReadNames = None
 
     @field_validator("steering", mode="before")
     @classmethod
@@ -190,6 +195,7 @@ class ChatRequest(BaseModel):
     strength: Strength | None = None
     dose: Dose | None = None
     governor: bool | None = None
+    read: ReadNames = None
 
     @field_validator("steering", mode="before")
     @classmethod
