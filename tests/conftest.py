@@ -110,10 +110,13 @@ def real_lm():
 
 @pytest.fixture(scope="session")
 def real_vectors(real_lm):
-    """Built-in persona vectors on the real model, built once per session."""
+    """Built-in persona vectors on the real model with their dose windows, built once per session
+    (as `steerlab build` and the server make them)."""
+    from steerlab.calibrate import calibrated
     from steerlab.personas import build_persona, builtin_names, get_persona
 
-    return {name: build_persona(real_lm, get_persona(name), progress=False) for name in builtin_names()}
+    return {name: calibrated(real_lm, build_persona(real_lm, get_persona(name), progress=False))[0]
+            for name in builtin_names()}
 
 
 @pytest.fixture(scope="module")

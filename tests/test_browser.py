@@ -1,10 +1,10 @@
 """The studio page in a real headless Chromium (Debian's chromium + chromedriver, via Selenium).
 
 Loads the page from a real server on the real model, picks an example and a persona, moves the
-strength slider, runs a compare and checks both panes fill with different text and that the
-request (and the server's echo of it) carries the slider's strength and the example's mode
-(chat or raw). Also: /docs renders its operations with no network (the browser resolves no host
-but 127.0.0.1), the persona form shows its errors next to the form, and "Larger text" fits a
+dose slider, runs a compare and checks both panes fill with different text and that the
+request (and the server's echo of it) carries the slider's dose and the example's mode (chat or
+raw). Also: /docs renders its operations with no network (the browser resolves no host but
+127.0.0.1), the persona form shows its errors next to the form, and "Larger text" fits a
 1920x1080 projector. Saves screenshots to ``artifacts/``. Skips, saying how to get a browser,
 where none is installed.
 """
@@ -99,14 +99,47 @@ def test_compare_in_the_page(driver, real_server):
     assert sent["prompt"] == prompt and sent["max_length"] == 32 and sent["stream"] is True
     assert sent["chat"] is False
     assert [s["vector"] for s in sent["steering"]] == ["tabby_cats"]
-    assert sent["steering"][0]["strength"] == pytest.approx(after)  # the slider's value went out
+    assert sent["steering"][0]["dose"] == pytest.approx(after)  # the dose slider's value went out
     echoed = driver.execute_script("return window.steerlab.lastResult.applied")
-    assert echoed[0]["strength"] == pytest.approx(after)  # and the server applied it
-    assert f"×{after:.2f}" in driver.find_element(By.ID, "steered-tag").text
+    assert echoed[0]["dose"] == pytest.approx(after)  # and the server applied it
+    assert driver.find_element(By.CSS_SELECTOR, "[data-name=tabby_cats] .zone .breaks").text == "past 1: breaks the text"
+    assert f"dose {after:.2f}" in driver.find_element(By.ID, "steered-tag").text
     assert "curl" in driver.find_element(By.ID, "api-call").get_attribute("textContent")
     ARTIFACTS.mkdir(exist_ok=True)
     driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(str(ARTIFACTS / "studio.png"))
+
+
+def test_concept_highlighting_in_the_page(driver, real_server):
+    """Glass box: ticking "highlight the concept" colours both panes' tokens by their reading,
+    with a legend and the number on hover. Screenshot: ``artifacts/glassbox.png``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 60)
+    driver.get(real_server)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".persona[data-name=tabby_cats]"))
+    driver.find_element(By.ID, "prompt").send_keys("Tell me about your weekend plans.")
+    driver.find_element(By.CSS_SELECTOR, "label[for=use-tabby_cats]").click()
+    driver.find_element(By.ID, "read").click()
+    runs = driver.execute_script("return window.steerlab.runs")
+    driver.find_element(By.ID, "run").click()
+    WebDriverWait(driver, 400).until(lambda d: d.execute_script("return window.steerlab.runs") > runs)
+    assert driver.execute_script("return window.steerlab.lastRequest.read") == ["tabby_cats"]
+    result = driver.execute_script("return window.steerlab.lastResult")
+    for row in ("base", "steered"):
+        spans = driver.find_elements(By.CSS_SELECTOR, f"#{row}-out .tok")
+        assert len(spans) == len(result["read"][row]["tokens"]) > 0
+        assert "".join(s.get_attribute("textContent") for s in spans) == result[row]
+        assert spans[0].get_attribute("title").startswith("tabby_cats: ")
+    legend = driver.find_element(By.ID, "read-legend")
+    assert legend.is_displayed() and "tabby_cats reading" in legend.text
+    steered_mean = result["read"]["steered"]["mean"]["tabby_cats"]
+    base_mean = result["read"]["base"]["mean"]["tabby_cats"]
+    assert steered_mean > base_mean  # the steered reply carries more of the concept
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.execute_script("document.getElementById('base-out').scrollIntoView({block: 'center'})")
+    driver.save_screenshot(str(ARTIFACTS / "glassbox.png"))
 
 
 def _foreign_resources(driver, *, but_images: bool = False) -> list[str]:  # noqa: ANN001

@@ -49,12 +49,13 @@ def test_build_generate_compare_list(tiny_dir, persona_file, tmp_path):
     r = run("generate", "the cat", "--steer", "kittens:3", "--vectors", out, "--model", tiny_dir,
             "--max-new-tokens", "5")
     assert r.exit_code == 0, r.output
-    assert "kittens (strength 3.0, layers 2)" in r.output
+    assert "kittens (add, strength 3, layers 2" in r.output
 
     r = run("compare", "the cat", "--steer", "kittens", "--layer", "1,3", "--vectors", out, "--model", tiny_dir,
             "--max-new-tokens", "5")
     assert r.exit_code == 0, r.output
-    assert "=== base ===" in r.output and "kittens (strength 2.0, layers 1,3)" in r.output
+    assert "=== base ===" in r.output and "kittens (add, dose 0.7 = strength" in r.output
+    assert "layers 1,3" in r.output and "rescaled for 2 layer(s)" in r.output
 
     r = run("list", "--vectors", out)
     assert r.exit_code == 0 and "kittens" in r.output and "model=" in r.output

@@ -70,7 +70,8 @@ def test_every_documented_command_parses(doc, line):
 def readme_tour() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = text.split("## Quick tour: command line", 1)[1].split("`build` prints", 1)[0]
-    return [line for line in command_lines_of(block) if not line.startswith("steerlab serve")]
+    skip = ("steerlab serve", "steerlab calibrate")  # a server that stays up; a measurement (docs/dose.md)
+    return [line for line in command_lines_of(block) if not line.startswith(skip)]
 
 
 def command_lines_of(block: str) -> list[str]:
@@ -117,7 +118,7 @@ def test_help_keeps_the_quick_start_lines_and_takes_h():
 
     out = CliRunner().invoke(main, ["-h"], terminal_width=80).output
     lines = [line.strip() for line in out.splitlines()]
-    assert any(line.startswith("steerlab build") and line.endswith("vectors folder") for line in lines), out
+    assert any(line.startswith("steerlab build") and "vectors folder" in line for line in lines), out
     assert any(line.startswith("steerlab serve") for line in lines), out  # one command per line, not re-wrapped
     for cmd in ("build", "generate", "serve", "list"):
         r = CliRunner().invoke(main, [cmd, "-h"])

@@ -114,39 +114,117 @@ class _TupleBlock(torch.nn.Module):
         return out if isinstance(out, tuple) else (out,)
 
 
+def _hook(lm, vec, layer=1, gain=None, **entry):
+    """The hook steer() would register at ``layer`` for one row steered by ``Steer(vec, **entry)``."""
+    from steerlab.hooks import _make_steer_hook, plan
+    from steerlab.spec import resolve
+
+    adds, groups = plan(lm, [[resolve(Steer(vec, layers=(layer,), **entry), lm.n_layers)]])
+    hook = _make_steer_hook(adds.get(layer), groups.get(layer, []), gain)
+    if groups.get(layer) or gain is not None:
+        return lambda out, position_ids=None: hook(None, (), {"position_ids": position_ids}, out)
+    return lambda out, position_ids=None: hook(None, (), out)
+
+
 def test_hook_accepts_tuple_and_tensor_outputs(tiny_lm):
     vec = random_vector(tiny_lm, [1])
     x = torch.randn(2, 5, tiny_lm.hidden_size)
-    from steerlab.hooks import _make_steer_hook
-
     delta = vec.deltas(strength=1.0)[1].reshape(1, 1, -1)
-    hook = _make_steer_hook(delta, "all", False)
-    out_tensor = hook(None, (), x)
-    out_tuple = hook(None, (), (x, "cache"))
-    assert isinstance(out_tensor, torch.Tensor) and isinstance(out_tuple, tuple)
-    assert out_tuple[1] == "cache"
-    assert torch.equal(out_tensor, out_tuple[0]) and torch.equal(out_tensor, x + delta)
+    for entry in ({}, {"positions": "generated"}):
+        hook = _hook(tiny_lm, vec, strength=1.0, **entry)
+        out_tensor, out_tuple = hook(x), hook((x, "cache"))
+        assert isinstance(out_tensor, torch.Tensor) and isinstance(out_tuple, tuple)
+        assert out_tuple[1] == "cache" and torch.equal(out_tensor, out_tuple[0])
+    assert torch.equal(_hook(tiny_lm, vec, strength=1.0)(x), x + delta)
 
 
 def test_generated_positions_leave_the_prompt_alone(tiny_lm):
-    from steerlab.hooks import _make_steer_hook
-
+    vec = random_vector(tiny_lm, [1])
+    d = vec.deltas(strength=1.0)[1]
+    hook = _hook(tiny_lm, vec, strength=1.0, positions="generated")
     x = torch.randn(1, 6, tiny_lm.hidden_size)
-    d = torch.ones(1, 1, tiny_lm.hidden_size)
-    out = _make_steer_hook(d, "generated", False)(None, (), x)
-    assert torch.equal(out[:, :-1], x[:, :-1]) and torch.equal(out[:, -1:], x[:, -1:] + 1)
+    out = hook(x)
+    assert torch.equal(out[:, :-1], x[:, :-1]) and torch.allclose(out[:, -1:], x[:, -1:] + d)
     step = torch.randn(1, 1, tiny_lm.hidden_size)
-    assert torch.equal(_make_steer_hook(d, "generated", False)(None, (), step), step + 1)
+    assert torch.allclose(hook(step), step + d)
+
+
+def test_positions_from_n_use_position_ids(tiny_lm):
+    vec = random_vector(tiny_lm, [1])
+    d = vec.deltas(strength=1.0)[1]
+    hook = _hook(tiny_lm, vec, strength=1.0, positions=3)
+    x = torch.randn(1, 6, tiny_lm.hidden_size)
+    out = hook(x)  # no position ids: positions 0..5
+    assert torch.equal(out[:, :3], x[:, :3]) and torch.allclose(out[:, 3:], x[:, 3:] + d)
+    step = torch.randn(2, 1, tiny_lm.hidden_size)
+    out = hook(step, position_ids=torch.tensor([[2], [7]]))  # row 0 still before position 3
+    assert torch.equal(out[0], step[0]) and torch.allclose(out[1], step[1] + d)
 
 
 def test_norm_preserve_keeps_norms(tiny_lm):
-    from steerlab.hooks import _make_steer_hook
-
+    vec = random_vector(tiny_lm, [1])
     x = torch.randn(2, 4, tiny_lm.hidden_size)
-    d = torch.randn(1, 1, tiny_lm.hidden_size) * 5
-    out = _make_steer_hook(d, "all", True)(None, (), x)
+    out = _hook(tiny_lm, vec, scale=5.0, operator="add_norm")(x)
     torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))
     assert not torch.allclose(out, x)
+
+
+def _unit(vec, layer=1):
+    u = vec.directions[layer].float()
+    return u / u.norm()
+
+
+def test_target_adds_only_what_is_missing(tiny_lm):
+    vec = random_vector(tiny_lm, [1])
+    u, n = _unit(vec), vec.norms[1]
+    x = torch.randn(1, 6, tiny_lm.hidden_size)
+    x[0, 0] += 5 * n * u  # already far past the target: untouched
+    out = _hook(tiny_lm, vec, strength=0.5, operator="target")(x)
+    proj = out[0] @ u
+    assert torch.equal(out[0, 0], x[0, 0])
+    torch.testing.assert_close(proj[1:], torch.full((5,), 0.5 * n), rtol=1e-4, atol=1e-4)
+    rest = out - (out @ u)[..., None] * u  # the orthogonal part never changes
+    torch.testing.assert_close(rest, x - (x @ u)[..., None] * u, rtol=1e-4, atol=1e-4)
+
+
+def test_cap_keeps_the_component_in_range(tiny_lm):
+    vec = random_vector(tiny_lm, [1])
+    u, n = _unit(vec), vec.norms[1]
+    x = torch.randn(1, 8, tiny_lm.hidden_size) + torch.linspace(-3, 3, 8)[None, :, None] * n * u
+    proj = _hook(tiny_lm, vec, strength=-0.5, operator="cap")(x)[0] @ u  # [-0.5 n, 0]
+    assert float(proj.max()) <= 1e-4 and float(proj.min()) >= -0.5 * n - 1e-3
+    inside = ((x[0] @ u) > -0.5 * n) & ((x[0] @ u) < 0)
+    torch.testing.assert_close(proj[inside], (x[0] @ u)[inside])
+
+
+def test_rotate_turns_toward_the_direction_and_keeps_norms(tiny_lm):
+    vec = random_vector(tiny_lm, [1])
+    u = _unit(vec)
+    x = torch.randn(1, 5, tiny_lm.hidden_size)
+    angle = lambda t: torch.rad2deg(torch.acos((t @ u) / t.norm(dim=-1)))  # noqa: E731
+    out = _hook(tiny_lm, vec, strength=1 / 9, operator="rotate")(x)  # 10 degrees
+    torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(angle(out), angle(x) - 10, atol=1e-3, rtol=1e-4)
+    full = _hook(tiny_lm, vec, strength=3.0, operator="rotate")(x)  # 270 degrees: stops at u
+    torch.testing.assert_close(full / full.norm(dim=-1, keepdim=True), u.expand_as(full), atol=1e-5, rtol=1e-4)
+
+
+def test_operators_leave_attention_sinks_alone(tiny_lm):
+    vec = random_vector(tiny_lm, [1])
+    x = torch.randn(1, 3, tiny_lm.hidden_size) * 0.1 - 2 * vec.norms[1] * _unit(vec)  # below every target
+    x[0, 0] *= 100 * vec.norms[1] / x[0, 0].norm()
+    for op in ("target", "rotate", "cap"):
+        out = _hook(tiny_lm, vec, strength=0.5, operator=op)(x)
+        assert torch.equal(out[0, 0], x[0, 0]) and not torch.equal(out[0, 1:], x[0, 1:])
+
+
+def test_gain_scales_each_rows_steering(tiny_lm):
+    vec = random_vector(tiny_lm, [1])
+    d = vec.deltas(strength=1.0)[1]
+    x = torch.randn(2, 3, tiny_lm.hidden_size)
+    out = _hook(tiny_lm, vec, strength=1.0, gain=torch.tensor([1.0, 0.25]).reshape(2, 1, 1))(x)
+    torch.testing.assert_close(out[0], x[0] + d)
+    torch.testing.assert_close(out[1], x[1] + 0.25 * d)
 
 
 def test_errors_are_clear(tiny_lm):

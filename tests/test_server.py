@@ -28,6 +28,11 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d49444154789c6360f8cf000000030101009b8d3a4f0000000049454e44ae426082")
 
 
+def _brief(applied: list[dict]) -> list[dict]:
+    """The vector, strength and layers of each applied entry (operator, positions... left out)."""
+    return [{k: a[k] for k in ("vector", "strength", "layers")} for a in applied]
+
+
 def make_store(lm, folder) -> VectorStore:
     store = VectorStore(folder, lm)
     for i, name in enumerate(NAMES):
@@ -122,7 +127,21 @@ def test_steering_changes_output_and_never_leaks(server):
     assert c.post("/generate", json=greedy()).json()["generated"] == base  # no hook left behind
     assert c.post("/generate", json=greedy(steering="none")).json()["generated"] == base
     zero = c.post("/generate", json=greedy(steering=[{"vector": "weeknd", "strength": 0}])).json()
-    assert zero["generated"] == base and zero["applied"] == [{"vector": "weeknd", "strength": 0.0, "layers": [2]}]
+    assert zero["generated"] == base and _brief(zero["applied"]) == [{"vector": "weeknd", "strength": 0.0, "layers": [2]}]
+
+
+def test_operators_positions_and_governor_per_entry(server):
+    c = server.client
+    base = c.post("/generate", json=greedy()).json()["generated"]
+    for entry in ({"operator": "target", "strength": 2.0}, {"operator": "rotate", "strength": 0.5},
+                  {"operator": "add", "strength": 4.0, "positions": 2}):
+        body = c.post("/generate", json=greedy(steering=[{"vector": "weeknd", **entry}])).json()
+        assert body["generated"] != base, entry
+        applied = body["applied"][0]
+        assert applied["operator"] == entry["operator"] and applied["positions"] == entry.get("positions", "all")
+    gov = c.post("/compare", json=greedy(steering=[{"vector": "weeknd", "strength": 4.0, "governor": True}])).json()
+    assert gov["applied"][0]["governor"] is True and gov["governor"]["steps"] == 8
+    assert c.post("/generate", json=greedy()).json()["generated"] == base
 
 
 def test_compare_is_one_batch_matching_separate_runs(server):
@@ -137,7 +156,7 @@ def test_several_vectors_strength_and_layers(server):
     c = server.client
     two = [{"vector": "weeknd", "strength": 4}, {"vector": "toronto", "strength": 2, "layers": [1, 3]}]
     body = c.post("/compare", json=greedy(steering=two)).json()
-    assert body["applied"] == [{"vector": "weeknd", "strength": 4.0, "layers": [2]},
+    assert _brief(body["applied"]) == [{"vector": "weeknd", "strength": 4.0, "layers": [2]},
                                {"vector": "toronto", "strength": 2.0, "layers": [1, 3]}]
     assert body["steering_type"] == "weeknd+toronto"
     one = c.post("/compare", json=greedy(steering=two[:1])).json()
@@ -168,6 +187,11 @@ def test_seed_makes_sampling_reproducible(server):
     ({"prompt": "x", "steering": "nope"}, 404, "available tabby_cats, toronto, weeknd"),
     ({"prompt": "x", "steering": [{"vector": "weeknd", "layers": [9]}]}, 400, "numbered 0..3"),
     ({"prompt": "x"}, 400, "compare needs steering"),
+    ({"prompt": "x", "steering": [{"vector": "weeknd", "dose": 0.5}]}, 400, "steerlab calibrate weeknd"),
+    ({"prompt": "x", "steering": [{"vector": "weeknd", "dose": 0.5, "strength": 1}]}, 400, "one of dose, strength"),
+    ({"prompt": "x", "steering": [{"vector": "weeknd", "dose": 7}]}, 422, "steering.0.dose"),
+    ({"prompt": "x", "steering": [{"vector": "weeknd", "operator": "mul"}]}, 422, "steering.0.operator"),
+    ({"prompt": "x", "steering": [{"vector": "weeknd", "operator": "rotate", "scale": 2}]}, 400, "scale is for"),
 ])
 def test_refusals_are_clear(server, body, status, needle):
     r = server.client.post("/compare", json=body)
@@ -353,7 +377,7 @@ def test_build_a_persona_in_the_background(server):
     names = [v["name"] for v in c.get("/vectors").json()["vectors"]]
     assert "kittens" in names
     cmp = c.post("/compare", json=greedy(steering="kittens")).json()  # usable at once
-    assert cmp["applied"] == [{"vector": "kittens", "strength": 3.0, "layers": [1]}]
+    assert _brief(cmp["applied"]) == [{"vector": "kittens", "strength": 3.0, "layers": [1]}]
     assert (server.store.folder / "kittens.safetensors").exists()
 
     r = c.post("/vectors", json=body)

@@ -129,7 +129,16 @@ def test_sweep_command_writes_files_and_round_trips_metadata(tiny_dir, tiny_embe
     assert list(vec.default_layers) == best["layers"] and vec.default_strength == best["strength"]
     assert vec.extra["sweep"]["best"]["layers"] == best["layers"]
     assert vec.extra["sweep"]["plot"] == "kittens.sweep.png" and vec.extra["positions"] == "all"
-    assert vec.extra["norm_preserve"] is False
+    assert vec.extra["operator"] == "add" and vec.extra["governor"] is False  # what is read back when steering
+    # the window is re-measured at the chosen layers and the pick becomes the default dose: one setting
+    window = vec.extra["windows"]["add"]
+    assert window["layers"] == best["layers"] and 0 < vec.extra["default_dose"] <= 1
+    from steerlab.spec import resolve
+
+    r = resolve(vec, 4)
+    if best["strength"] <= window["max_strength"]:
+        assert r.strength == pytest.approx(best["strength"], rel=1e-2)
+    assert "held_out" in vec.extra["sweep"] and "min(S on even" in vec.extra["sweep"]["pick"]
     assert all(vec.directions[k].equal(before.directions[k]) for k in before.layers)  # only metadata changed
 
 

@@ -2,9 +2,9 @@
 
 \b
 Quick start (after `source .venv/bin/activate`, or as .venv/bin/steerlab):
-    steerlab build                          # built-in personas -> vectors folder
-    steerlab generate "Plan my weekend." --steer tabby_cats
-    steerlab compare "Climate change is affecting" --raw --steer toronto
+    steerlab build                          # built-in personas -> vectors folder, dose windows measured
+    steerlab generate "Plan my weekend" --steer tabby_cats --dose 0.8
+    steerlab compare "Plan my weekend" --steer weeknd:dose=0.5 --steer toronto:dose=0.5
     steerlab list                           # vectors and their metadata
     steerlab serve                          # web studio on http://127.0.0.1:5050
 
@@ -76,69 +76,109 @@ def generation_options(f):  # noqa: ANN001, ANN201
         click.option("--repetition-penalty", default=1.2, show_default=True, type=click.FloatRange(1, 3),
                      help="Discourages loops, which small models fall into under greedy decoding."),
         click.option("--raw", is_flag=True, help="Raw completion: do not apply the chat template."),
-        click.option("--steer", "steers", multiple=True, metavar="NAME[:STRENGTH]",
-                     help="Vector to apply (repeatable, e.g. --steer weeknd:0.5 --steer toronto:0.2)."),
+        click.option("--steer", "steers", multiple=True, metavar="NAME[:dose=D]",
+                     help="Vector to apply (repeatable): NAME, NAME:dose=0.5, NAME:0.3 (a strength) or "
+                          "NAME:dose=0.5:op=target:governor=on."),
+        click.option("--dose", default=None, type=click.FloatRange(-3, 3),
+                     help="Dose for every --steer without one: 0 = none, 1 = the strongest setting measured fluent "
+                          "(default: the vector's, 0.7 once calibrated)."),
         click.option("--strength", default=None, type=float,
-                     help="Strength for every --steer without one, in residual-norm units (default: the vector's)."),
+                     help="Strength for every --steer without a dose, in residual-norm units per layer."),
         click.option("--scale", default=None, type=float,
                      help="Absolute scale on the unit direction instead of --strength (the seed's STRENGTH)."),
         click.option("--layer", "layer_spec", default=None,
                      help="Apply at these layers instead of the vector's defaults: 12, 10,12,14 or 8:16:2."),
-        click.option("--positions", type=click.Choice(["all", "generated"]), default=None,
-                     help="Steer every position (all, the default) or only generated tokens."),
-        click.option("--norm-preserve", is_flag=True, help="Rescale steered hidden states to their original norm."),
+        click.option("--operator", type=click.Choice(["add", "add_norm", "target", "cap", "rotate"]), default=None,
+                     help="How to steer (default: the vector's, else add); formulas in docs/dose.md."),
+        click.option("--governor/--no-governor", default=None,
+                     help="Lower a row's steering while its text breaks (default: the vector's)."),
+        click.option("--positions", default=None, metavar="all|generated|from:N",
+                     help="Steer every position (all, the default), only generated tokens, or positions >= N."),
+        click.option("--norm-preserve", is_flag=True, help="Same as --operator add_norm."),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-def parse_steer(spec: str) -> tuple[str, float | None]:
-    """``name`` or ``name:strength``."""
-    name, _, strength = spec.partition(":")
-    if not strength:
-        return name, None
+_STEER_KEYS = {"dose": "dose", "strength": "strength", "s": "strength", "scale": "scale", "op": "operator",
+               "operator": "operator", "positions": "positions", "governor": "governor"}
+_STEER_HELP = "use NAME, NAME:STRENGTH or NAME:dose=0.5[:op=add|add_norm|target|cap|rotate][:governor=on|off]"
+
+
+def parse_steer(spec: str) -> tuple[str, dict]:
+    """``name``, ``name:strength`` or ``name:key=value[:key=value...]`` (dose, strength, scale, op, positions, governor)."""
+    name, *parts = spec.split(":")
+    fields: dict = {}
     try:
-        return name, float(strength)
-    except ValueError:
-        raise click.BadParameter(f"{spec!r}: use NAME or NAME:STRENGTH, e.g. weeknd:0.5", param_hint="--steer") from None
+        for part in parts:
+            key, eq, value = part.partition("=")
+            if not eq:
+                fields["strength"] = float(key)
+                continue
+            field = _STEER_KEYS[key.strip().lower()]
+            if field in ("dose", "strength", "scale"):
+                fields[field] = float(value)
+            elif field == "governor":
+                fields[field] = value.strip().lower() in ("1", "on", "true", "yes")
+            elif field == "positions":
+                from .spec import parse_positions
+
+                fields[field] = parse_positions(value)
+            else:
+                fields[field] = value.strip()
+    except (ValueError, KeyError, SteeringError):
+        raise click.BadParameter(f"{spec!r}: {_STEER_HELP}, e.g. weeknd:dose=0.5", param_hint="--steer") from None
+    if not name:
+        raise click.BadParameter(f"{spec!r}: {_STEER_HELP}", param_hint="--steer")
+    return name, fields
 
 
-def _steering(lm, store, steers, strength, scale, layer_spec):  # noqa: ANN001, ANN202
-    from .hooks import Steer
+def _steering(lm, store, kw: dict) -> list:  # noqa: ANN001
+    """--steer entries as Steer specs: each entry's own fields > --dose/--strength/--scale and friends."""
     from .layers import parse_layers
+    from .spec import Steer, parse_positions
 
-    if not steers:
+    if not kw["steers"]:
         raise click.UsageError("give at least one --steer NAME (see `steerlab list`)")
-    layers = tuple(parse_layers(layer_spec, lm.n_layers)) if layer_spec else None
+    layers = tuple(parse_layers(kw["layer_spec"], lm.n_layers)) if kw["layer_spec"] else None
+    shared = {k: kw[k] for k in ("dose", "strength", "scale") if kw.get(k) is not None}
+    if len(shared) > 1:
+        raise click.UsageError(f"give one of --dose, --strength or --scale, not {' and '.join('--' + k for k in shared)}")
     out = []
-    for spec in steers:
-        name, s = parse_steer(spec)
-        vec = store.get(name)
-        out.append(Steer(vec, strength=s if s is not None else (None if scale is not None else strength),
-                         scale=scale if s is None else None, layers=layers))
+    for spec in kw["steers"]:
+        name, fields = parse_steer(spec)
+        if not any(k in fields for k in ("dose", "strength", "scale")):
+            fields |= shared
+        fields.setdefault("operator", kw.get("operator"))
+        if kw.get("governor") is not None:
+            fields.setdefault("governor", kw["governor"])
+        if kw.get("positions") is not None:
+            fields.setdefault("positions", parse_positions(kw["positions"]))
+        out.append(Steer(store.get(name), layers=layers, **fields))
     return out
 
 
 def _options(kw: dict, steering=None):  # noqa: ANN001, ANN202
     from .generate import GenerationOptions
 
-    positions = kw["positions"]
-    if positions is None and steering:
-        positions = steering[0].vector.extra.get("positions", "all")
     return GenerationOptions(
         max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_p=kw["top_p"], seed=kw["seed"],
-        chat=False if kw["raw"] else None, positions=positions or "all", norm_preserve=kw["norm_preserve"],
+        chat=False if kw["raw"] else None, norm_preserve=kw["norm_preserve"],
         repetition_penalty=kw["repetition_penalty"],
     )
 
 
-def _describe(steering) -> str:  # noqa: ANN001
+def _describe(steering, lm) -> str:  # noqa: ANN001
+    from .spec import resolve
+
     parts = []
     for st in steering:
-        dose = f"scale {st.scale}" if st.scale is not None else f"strength {st.strength if st.strength is not None else st.vector.default_strength}"
-        layers = st.layers or tuple(st.vector.active_layers)
-        parts.append(f"{st.vector.name} ({dose}, layers {','.join(map(str, layers))})")
+        r = resolve(st, lm.n_layers).describe()
+        amount = f"dose {r['dose']} = strength {r['strength']:.3g}" if "dose" in r else \
+            f"scale {r['scale']}" if "scale" in r else f"strength {r['strength']:.3g}"
+        extra = (", governor" if r["governor"] else "") + (f"; {r['note']}" if "note" in r else "")
+        parts.append(f"{r['vector']} ({r['operator']}, {amount}, layers {','.join(map(str, r['layers']))}{extra})")
     return " + ".join(parts)
 
 
@@ -149,8 +189,9 @@ def _describe(steering) -> str:  # noqa: ANN001
               help="Folder to write vectors to (default: the vectors folder). Env: STEERLAB_VECTORS.")
 @click.option("--layer", "layer_spec", default="all", show_default=True,
               help="Layers to compute directions at: all, 12, 10,12,14 or 4:24:2.")
-@click.option("--method", type=click.Choice(["mean_diff", "pca", "probe"]), default=None,
-              help="Direction estimator (default: the persona's, else mean_diff).")
+@click.option("--method", type=click.Choice(["mean_diff", "pca", "probe", "optimize"]), default=None,
+              help="Direction estimator (default: the persona's, else mean_diff); optimize trains the mean "
+                   "difference by gradient (a few minutes on a CPU; docs/dose.md).")
 @click.option("--pooling", default=None, help="mean (default), last or window:K.")
 @click.option("--chat/--plain", "chat", default=None, help="Render contrast texts as assistant replies.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
@@ -159,6 +200,8 @@ def _describe(steering) -> str:  # noqa: ANN001
 @click.option("--prompt", "demo_prompt", default="The future of technology is", show_default=True,
               help="Prompt for the base-vs-steered snippet.")
 @click.option("--force", is_flag=True, help="Rebuild even if the vector exists.")
+@click.option("--calibrate/--no-calibrate", "do_calibrate", default=True, show_default=True,
+              help="Measure the dose window of each new vector (about 20-40 s on a laptop CPU).")
 @click.option("--pair", nargs=2, default=None, metavar="POSITIVE NEGATIVE",
               help="Quick vector from one prompt pair, ActAdd-style (e.g. --pair Love Hate); with --name.")
 @click.option("--contrast", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -170,7 +213,7 @@ def _describe(steering) -> str:  # noqa: ANN001
 @click.option("--name", default=None, help="Name of the vector built from --pair, --contrast or --positive/--negative.")
 @model_options
 def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_length, demo_prompt, force,
-          pair, contrast, positive_file, negative_file, name, model_id, device, dtype) -> None:  # noqa: ANN001
+          do_calibrate, pair, contrast, positive_file, negative_file, name, model_id, device, dtype) -> None:  # noqa: ANN001
     """Build steering vectors from persona contrast sets (default: all built-in personas).
 
     PERSONAS are names (built-in or in the user personas folder) or paths to .toml files.
@@ -196,17 +239,18 @@ def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_
     overrides = {k: v for k, v in dict(method=method, pooling=pooling, chat=chat).items() if v is not None}
     for i, persona in enumerate(chosen, 1):
         path = store.folder / (persona.name + ".safetensors")
-        if persona.name in store.vectors and not force:
+        built = not (persona.name in store.vectors and not force)
+        if not built:
             vec = store.vectors[persona.name]
             click.echo(f"\n{persona.name}: exists already (use --force to rebuild)")
-            where = "kept:   "
         else:
             click.echo(f"\nbuilding {persona.name} ({i}/{len(chosen)}) from {len(persona.positive)} pairs...")
             vec = build_persona(lm, persona, layers=None if layer_spec == "all" else layers, batch_size=batch_size,
                                 max_length=max_length, **overrides)
-            store.add(vec, overwrite=True)
             click.echo(f"{persona.name}: built ({vec.method}, pooling {vec.pooling})")
-            where = "saved:  "
+            if do_calibrate:
+                vec = _calibrate(lm, vec)
+            store.add(vec, overwrite=True)
         d = vec.active_layers
         click.echo(f"  shape [{vec.hidden_size}] x {len(vec.layers)} layers, default layers {d}, "
                    f"direction norm {float(vec.directions[d[0]].norm()):.4f}, "
@@ -214,7 +258,60 @@ def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_
         base, steered = compare(lm, demo_prompt, [vec], options=GenerationOptions(max_new_tokens=40))
         click.echo(f"  base:    {_snip(base)}")
         click.echo(f"  steered: {_snip(steered)}")
-        click.echo(f"  {where} {path}")
+        click.echo(f"  {'saved:  ' if built else 'kept:   '} {path}")
+
+
+def _calibrate(lm, vec, **kw):  # noqa: ANN001, ANN202
+    from .calibrate import calibrated, describe_window
+
+    click.echo(f"  measuring the dose window of {vec.name} ...")
+    vec, windows = calibrated(lm, vec, **kw)
+    for w in windows:
+        click.echo(f"  {describe_window(w)}")
+    return vec
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--operator", "operators", default=None, metavar="OP[,OP...]|all",
+              help="Operators to measure: add, add_norm, target, cap, rotate, or all (default: the vector's).")
+@click.option("--layer", "layer_spec", default=None, help="Layers to measure at (default: the vector's default layers).")
+@click.option("--governor/--no-governor", default=None, help="Measure with the coherence governor (default: the vector's).")
+@click.option("--default", "make_default", is_flag=True,
+              help="Make the widest measured window's operator the vector's default.")
+@vectors_option
+@model_options
+def calibrate(names, operators, layer_spec, governor, make_default, vectors_dir, model_id, device, dtype) -> None:  # noqa: ANN001
+    """Measure (again) the dose window of vectors NAMES: onset, breakdown and dose 1.
+
+    Generates greedy replies to 4 neutral prompts at a ladder of strengths in one batch and
+    scores them with the sweep's concept and fluency components (docs/dose.md).
+    """
+    from .layers import parse_layers
+    from .spec import OPERATORS
+
+    ops = None if operators is None else list(OPERATORS) if operators == "all" else operators.split(",")
+    bad = [o for o in ops or [] if o not in OPERATORS]
+    if bad:
+        raise click.BadParameter(f"unknown operator(s) {', '.join(bad)}: use {', '.join(OPERATORS)} or all",
+                                 param_hint="--operator")
+    lm = load_lm(model_id, device, dtype)
+    store = open_store(lm, vectors_dir)
+    for name in names:
+        vec = store.get(name)
+        layers = parse_layers(layer_spec, lm.n_layers) if layer_spec else None
+        from .calibrate import calibrated, describe_window
+
+        click.echo(f"{name}: measuring ...")
+        vec, windows = calibrated(lm, vec, operators=ops, layers=layers, governor=governor)
+        for w in windows:
+            click.echo(f"  {describe_window(w)}")
+        if make_default:
+            best = max(windows, key=lambda w: (w.width or 0, w.max_strength))
+            vec = vec.with_defaults(operator=best.operator, governor=best.governor)
+            click.echo(f"  default operator: {best.operator}{' + governor' if best.governor else ''}")
+        store.update(name, vec)
+        click.echo(f"  saved: {store.folder / (name + '.safetensors')}")
 
 
 def _snip(text: str, width: int = 100) -> str:
@@ -231,10 +328,9 @@ def generate(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noq
     lm = load_lm(model_id, device, dtype)  # first: it says "loading ..." when that is slow
     from .generate import generate as run, stream
 
-    steering = _steering(lm, open_store(lm, vectors_dir), kw["steers"], kw["strength"], kw["scale"], kw["layer_spec"]) \
-        if kw["steers"] else []
+    steering = _steering(lm, open_store(lm, vectors_dir), kw) if kw["steers"] else []
     if steering:
-        click.echo(f"# steering: {_describe(steering)}", err=True)
+        click.echo(f"# steering: {_describe(steering, lm)}", err=True)
     if sys.stdout.isatty():  # a person watching: show tokens as they come
         for _row, delta in stream(lm, [prompt], [steering], options=_options(kw, steering)):
             click.echo(delta, nl=False)
@@ -253,17 +349,18 @@ def compare(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noqa
     lm = load_lm(model_id, device, dtype)  # first: it says "loading ..." when that is slow
     from .generate import compare as run
 
-    steering = _steering(lm, open_store(lm, vectors_dir), kw["steers"], kw["strength"], kw["scale"], kw["layer_spec"])
+    steering = _steering(lm, open_store(lm, vectors_dir), kw)
     base, steered = run(lm, prompt, steering, options=_options(kw, steering))
     click.echo(click.style("=== base ===", bold=True))
     click.echo(base)
-    click.echo(click.style(f"=== steered: {_describe(steering)} ===", bold=True))
+    click.echo(click.style(f"=== steered: {_describe(steering, lm)} ===", bold=True))
     click.echo(steered)
 
 
 @main.command("list")
 @vectors_option
-def list_(vectors_dir) -> None:  # noqa: ANN001
+@click.option("--details", is_flag=True, help="Also show each vector's logit lens (loads the model).")
+def list_(vectors_dir, details) -> None:  # noqa: ANN001
     """List built vectors (with metadata) and personas available to build."""
     from .paths import default_vectors_dir
     from .personas import available_personas, load_vectors
@@ -277,6 +374,10 @@ def list_(vectors_dir) -> None:  # noqa: ANN001
         layers = f"{v.layers[0]}..{v.layers[-1]}" if len(v.layers) > 3 else ",".join(map(str, v.layers))
         click.echo(f"  {name:<16} model={v.model_id} layers={layers} default_layers={list(v.active_layers)} "
                    f"strength={v.default_strength} method={v.method} pooling={v.pooling} created={v.created_at}")
+    if details:
+        from .glass_command import print_details
+
+        print_details(vecs)
     missing = [p for p in available_personas() if p not in vecs]
     if missing:
         click.echo(f"personas not built yet: {', '.join(missing)}")
@@ -302,6 +403,12 @@ from .interop_command import compare_methods_cmd, export_cmd, import_cmd  # noqa
 main.add_command(export_cmd)
 main.add_command(import_cmd)
 main.add_command(compare_methods_cmd)
+
+from .glass_command import doctor_cmd, inspect_cmd, similar_cmd  # noqa: E402
+
+main.add_command(inspect_cmd)
+main.add_command(doctor_cmd)
+main.add_command(similar_cmd)
 
 if __name__ == "__main__":  # python -m steerlab.cli (python -m steerlab also works)
     main()

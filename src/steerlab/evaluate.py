@@ -309,12 +309,23 @@ def sweep(lm, vector, cells: Sequence[Cell], *, prompts: Sequence[str], embedder
                 yield _row(cells[c], setting, done.pop(c), base)  # type: ignore[arg-type]
 
 
+def half_scores(row: SweepRow) -> tuple[float, float]:
+    """Mean combined score on the even-numbered and on the odd-numbered prompts."""
+    s = [o.score for o in row.outputs]
+    even, odd = s[0::2], s[1::2] or s[0::2]
+    return sum(even) / max(1, len(even)), sum(odd) / max(1, len(odd))
+
+
 def pick_best(rows: Sequence[SweepRow]) -> SweepRow:
-    """The steered row with the highest mean combined score (ties: weaker, then fewer layers)."""
+    """The steered cell that does well on *both* halves of the prompts (the larger of its two
+    half-means being no help): ``max(min(S_even, S_odd))``. A cell that wins on a few prompts by
+    luck rarely wins on both halves, so the pick generalises better than the sharpest mean peak
+    (ties: higher mean, then weaker, then fewer layers)."""
     steered = [r for r in rows if not r.is_base]
     if not steered:
         raise SteeringError("no steered cells to choose from")
-    return max(steered, key=lambda r: (round(r.score, 6), -r.strength * len(r.layers), -len(r.layers)))
+    return max(steered, key=lambda r: (round(min(half_scores(r)), 6), round(r.score, 6),
+                                       -r.strength * len(r.layers), -len(r.layers)))
 
 
 # ---- inputs and summaries ------------------------------------------------------------------------

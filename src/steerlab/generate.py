@@ -12,11 +12,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .cpu_matmul import decode_matmuls
-from .hooks import Positions, RowSteering, steer, steering_rows
+from .governor import Governor
+from .hooks import RowSteering, steer, steering_rows
+from .spec import Resolved, resolve_rows
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,10 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int | None = None
     chat: bool | None = None  # None: use the chat template when the model has one
-    positions: Positions = "all"
+    positions: str | int | None = None  # None: each entry's own (default "all"); see steerlab.spec
     norm_preserve: bool = False
     repetition_penalty: float = 1.2  # small models loop under greedy decoding without it
+    governor: bool | None = None  # None: each entry's own (a vector's default); see steerlab.governor
 
 
 class _Cancel(StoppingCriteria):
@@ -84,6 +87,30 @@ def _eos_ids(tok) -> list[int]:  # noqa: ANN001
     return sorted(ids)
 
 
+def governor_for(lm, resolved: Sequence[Sequence[Resolved]], n_rows: int) -> Governor | None:  # noqa: ANN001
+    """A governor for the rows whose entries ask for one (None when no row does)."""
+    rows = resolved if len(resolved) == n_rows else [resolved[0]] * n_rows
+    governed = [any(r.governor for r in row) for row in rows]
+    return Governor(governed, device=lm.device, dtype=lm.dtype) if any(governed) else None
+
+
+def generation_kwargs(lm, opts: GenerationOptions) -> dict:  # noqa: ANN001
+    """``model.generate`` settings for ``opts`` (sampling, eos ids, repetition penalty)."""
+    sample = opts.temperature > 0
+    kwargs = dict(
+        max_new_tokens=opts.max_new_tokens,
+        do_sample=sample,
+        pad_token_id=lm.tokenizer.pad_token_id,
+        eos_token_id=_eos_ids(lm.tokenizer),
+        repetition_penalty=opts.repetition_penalty,
+    )
+    if sample:
+        kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
 def encode_prompts(lm, prompts: Sequence[str], chat: bool | None) -> dict[str, torch.Tensor]:
     """Format (chat template or raw) and left-pad a batch of prompts."""
     use_chat = lm.has_chat_template if chat is None else chat
@@ -102,10 +129,13 @@ def generate(
     options: GenerationOptions | None = None,
     streamer: BaseStreamer | None = None,
     cancel: threading.Event | None = None,
+    report: dict | None = None,
 ) -> list[str]:
     """Generate one completion per prompt in a single batch.
 
     ``steering``: None; one list of vectors/doses for every row; or one list per row.
+    ``report``: a dict to fill with what was applied per row (``"steering"``) and, when the
+    governor ran, its per-row summary and per-token gains (``"governor"``, ``"gains"``).
     """
     opts = options or GenerationOptions()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -115,22 +145,22 @@ def generate(
     enc = encode_prompts(lm, prompts, opts.chat)
     if opts.seed is not None:
         torch.manual_seed(opts.seed)
-    sample = opts.temperature > 0
-    kwargs = dict(
-        max_new_tokens=opts.max_new_tokens,
-        do_sample=sample,
-        pad_token_id=lm.tokenizer.pad_token_id,
-        eos_token_id=_eos_ids(lm.tokenizer),
-        repetition_penalty=opts.repetition_penalty,
-    )
-    if sample:
-        kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=0)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs = generation_kwargs(lm, opts)
     if cancel is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancel(cancel)])
-    with steer(lm, rows, positions=opts.positions, norm_preserve=opts.norm_preserve), decode_matmuls(lm):
+    resolved = resolve_rows(rows, lm.n_layers, positions=opts.positions, governor=opts.governor,
+                            operator="add_norm" if opts.norm_preserve else None)
+    gov = governor_for(lm, resolved, len(prompts))
+    if gov is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([gov])
+        if report is not None:
+            report["live"] = gov  # a streamer may read the gains while tokens arrive
+    with steer(lm, resolved, gain=gov.gain if gov else None), decode_matmuls(lm):
         out = lm.model.generate(**enc, streamer=streamer, **kwargs)
+    if report is not None:
+        report["steering"] = [[r.describe() for r in row] for row in resolved]
+        if gov is not None:
+            report["governor"], report["gains"] = gov.summary(), gov.gains
     new = out[:, enc["input_ids"].shape[1] :]
     return [lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 

@@ -2,10 +2,11 @@
 
 Kinds of hook, all handed out as context managers that always remove what they added:
 
-* :func:`steer` adds per-layer steering to decoder-block outputs. Each row of a batch may carry
-  its own vectors and strengths (the server and the sweeps batch different steering together).
-  The additive tensors are built once, on the model's device and dtype, when the context opens;
-  the hook itself is one add (no per-step allocation beyond the result, no transfers).
+* :func:`steer` applies resolved steering entries (:mod:`steerlab.spec`) to decoder-block outputs.
+  Each row of a batch may carry its own vectors, doses and operators (the server and the sweeps
+  batch different steering together). Tensors are built once, on the model's device and dtype,
+  when the context opens; for plain adds at every position the hook is one add (no per-step
+  allocation beyond the result, no transfers); other operators cost a projection per token.
 * :func:`capture` records block outputs for extraction and can stop the forward pass right
   after the deepest layer asked for, so extraction never runs layers it does not need.
 * :func:`add_at_front` adds a per-position tensor to the first positions of one block's output
@@ -19,41 +20,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal, Union
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
 from .errors import SteeringError
 from .layers import check_layers
-from .vectors import SteeringVector
+from .spec import SINK_RATIO, Resolved, Steer, SteerLike, as_steer, check_positions, resolve, resolve_rows
+
+__all__ = ["Positions", "RowSteering", "Steer", "SteerLike", "add_at_front", "add_trainable", "as_steer", "build_deltas", "capture",
+           "run_until_captured", "steer", "steering_rows"]
 
 Positions = Literal["all", "generated"]
-
-
-@dataclass(frozen=True)
-class Steer:
-    """One vector at one dose. ``strength`` in residual-norm units, or absolute ``scale``."""
-
-    vector: SteeringVector
-    strength: float | None = None
-    scale: float | None = None
-    layers: tuple[int, ...] | None = None
-
-
-SteerLike = Union[Steer, SteeringVector, tuple]
 RowSteering = Sequence[SteerLike]
-
-
-def as_steer(item: SteerLike) -> Steer:
-    """Accept ``Steer``, a bare vector (default dose) or ``(vector, strength)``."""
-    if isinstance(item, Steer):
-        return item
-    if isinstance(item, SteeringVector):
-        return Steer(item)
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], SteeringVector):
-        return Steer(item[0], strength=float(item[1]))
-    raise SteeringError(f"cannot steer with {item!r}: give a SteeringVector, (vector, strength) or Steer")
 
 
 def steering_rows(steering: RowSteering | Sequence[RowSteering] | None, n_rows: int | None = None) -> list[list]:
@@ -72,31 +52,35 @@ def steering_rows(steering: RowSteering | Sequence[RowSteering] | None, n_rows: 
     return [steering]
 
 
-def build_deltas(
-    lm, rows: Sequence[RowSteering], *, device: torch.device, dtype: torch.dtype
-) -> dict[int, torch.Tensor]:
-    """Per layer, a ``[rows, 1, hidden]`` tensor summing every row's steering at that layer."""
-    hidden = lm.hidden_size
+def _check_hidden(lm, resolved: Resolved) -> None:  # noqa: ANN001
+    vec = resolved.steer.vector
+    if vec.hidden_size != lm.hidden_size:
+        raise SteeringError(f"vector {vec.name} has hidden size {vec.hidden_size}, the model {lm.hidden_size}: "
+                            f"it was built for {vec.model_id}")
+
+
+def build_deltas(lm, rows: Sequence[RowSteering], *, device: torch.device, dtype: torch.dtype,
+                 positions: str | int = "all") -> dict[int, torch.Tensor]:  # noqa: ANN001
+    """Per layer, a ``[rows, 1, hidden]`` tensor summing every row's steering (add operator only).
+
+    For engines that can only add a fixed vector (vLLM): any other operator is refused with its reason.
+    """
     acc: dict[int, torch.Tensor] = {}
     for r, row in enumerate(rows):
-        for item in row:
-            st = as_steer(item)
-            if st.vector.hidden_size != hidden:
-                raise SteeringError(
-                    f"vector {st.vector.name} has hidden size {st.vector.hidden_size}, the model {hidden}: "
-                    f"it was built for {st.vector.model_id}"
-                )
-            layers = check_layers(list(st.layers), lm.n_layers) if st.layers else None
-            for layer, d in st.vector.deltas(strength=st.strength, scale=st.scale, layers=layers).items():
-                check_layers([layer], lm.n_layers)
-                if layer not in acc:
-                    acc[layer] = torch.zeros(len(rows), 1, hidden, dtype=torch.float32)
-                acc[layer][r, 0] += d
+        for res in (resolve(item, lm.n_layers, positions=positions) for item in row):
+            _check_hidden(lm, res)
+            if res.operator != "add" or res.governor:
+                what = "the governor" if res.governor else f"operator {res.operator!r}"
+                raise SteeringError(f"{what} needs the hidden state at every step; this engine can only add a "
+                                    "fixed vector: use operator 'add' without governor, or the transformers engine")
+            for t in res.terms:
+                acc.setdefault(t.layer, torch.zeros(len(rows), 1, lm.hidden_size, dtype=torch.float32))
+                acc[t.layer][r, 0] += t.direction
     return {layer: t.to(device=device, dtype=dtype) for layer, t in acc.items()}
 
 
 def _fit_rows(d: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """Match the delta's rows to the batch (beam search / several returns expand rows)."""
+    """Match per-row tensors to the batch (beam search / several returns expand rows)."""
     n = hidden.shape[0]
     if d.shape[0] == 1 or d.shape[0] == n:
         return d
@@ -105,33 +89,125 @@ def _fit_rows(d: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return d.repeat_interleave(n // d.shape[0], dim=0)
 
 
-def _make_steer_hook(delta: torch.Tensor, positions: Positions, norm_preserve: bool):
-    """A forward hook adding ``delta`` ([rows or 1, 1, hidden]) to a block's output."""
-    if positions == "all" and not norm_preserve:
-        # Hot path (every block call of every decoding step): one add, nothing else.
-        def add(module, args, output):  # noqa: ANN001, ANN202
-            if type(output) is tuple:
-                return (output[0] + _fit_rows(delta, output[0]), *output[1:])
-            return output + _fit_rows(delta, output)
+@dataclass
+class _Group:
+    """Terms of one operator and positions rule, one per row at most (absent rows: ``on`` = 0)."""
 
-        return add
+    operator: str
+    positions: str | int
+    u: torch.Tensor  # [rows, 1, H]: unit direction, or the add delta
+    amount: torch.Tensor  # [rows, 1, 1]
+    baseline: torch.Tensor  # [rows, 1, 1]
+    norm: torch.Tensor  # [rows, 1, 1]
+    on: torch.Tensor  # [rows, 1, 1] 1 where the row has this term
 
-    def hook(module, args, output):  # noqa: ANN001, ANN202
-        hidden = output[0] if isinstance(output, tuple) else output
-        d = _fit_rows(delta, hidden)
-        if positions == "generated" and hidden.shape[1] > 1:
-            # Prefill: leave the prompt alone, steer only the position that predicts token 1.
-            new = torch.cat([hidden[:, :-1], hidden[:, -1:] + d], dim=1)
-        else:
-            new = hidden + d
-        if norm_preserve:
-            ratio = hidden.float().norm(dim=-1, keepdim=True) / new.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            new = new * ratio.to(new.dtype)
-        if isinstance(output, tuple):
-            return (new, *output[1:])
+    def to(self, device: torch.device, dtype: torch.dtype) -> _Group:
+        f = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        return _Group(self.operator, self.positions, f(self.u), f(self.amount), f(self.baseline), f(self.norm),
+                      f(self.on))
+
+
+def _position_mask(positions: str | int, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """[rows or 1, T, 1] mask of the positions to steer (None: all of them)."""
+    if positions == "all":
+        return None
+    t = hidden.shape[1]
+    if positions == "generated":
+        if t == 1:
+            return None
+        m = torch.zeros(1, t, 1, dtype=hidden.dtype, device=hidden.device)
+        m[:, -1] = 1
+        return m
+    if position_ids is None:
+        if t == 1:
+            return None  # a cached step without positions: past any front the prompt covered
+        position_ids = torch.arange(t, device=hidden.device)[None]
+    return (position_ids.to(hidden.device) >= int(positions)).to(hidden.dtype)[..., None]
+
+
+def _apply(g: _Group, h: torch.Tensor, gain: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """One group's operator on hidden states ``h`` [rows, T, H] (formulas: :mod:`steerlab.spec`)."""
+    fit = lambda t: _fit_rows(t, h)  # noqa: E731
+    u, amount, on = fit(g.u), fit(g.amount), fit(g.on)
+    if gain is not None:
+        amount = amount * fit(gain)
+    mask = _position_mask(g.positions, h, position_ids)
+    if mask is not None:
+        on = on * mask
+    if g.operator in ("add", "add_norm"):
+        new = h + u * (amount * on)
+        if g.operator == "add_norm":
+            ratio = h.float().norm(dim=-1, keepdim=True) / new.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            new = torch.where(on > 0, new * ratio.to(new.dtype), h)
         return new
+    hn = h.float().norm(dim=-1, keepdim=True)
+    on = on * (hn < SINK_RATIO * fit(g.norm).float()).to(on.dtype)  # leave attention sinks alone
+    proj = (h * u).sum(-1, keepdim=True)
+    if g.operator == "target":
+        change = (fit(g.baseline) + amount - proj).clamp_min(0)
+    elif g.operator == "cap":
+        lo = fit(g.baseline) + amount.clamp(max=0)
+        hi = fit(g.baseline) + amount.clamp(min=0)
+        change = torch.maximum(torch.minimum(proj, hi), lo) - proj
+    else:  # rotate toward sign(amount) * u by |amount| radians, never past it
+        sign = torch.where(amount < 0, -1.0, 1.0).to(h.dtype)
+        uu = (u * sign).float()
+        a = (proj * sign).float()
+        w = h.float() - a * uu
+        b = w.norm(dim=-1, keepdim=True)
+        phi2 = (torch.atan2(b, a) - amount.abs().float()).clamp_min(0)
+        rotated = hn * (torch.cos(phi2) * uu + torch.sin(phi2) * w / b.clamp_min(1e-6))
+        return torch.where(on > 0, rotated.to(h.dtype), h)
+    return h + change * u * on
+
+
+def _make_steer_hook(add: torch.Tensor | None, groups: list[_Group], gain: torch.Tensor | None):  # noqa: ANN202
+    """A forward hook on one block: the summed plain adds, then each operator group in order."""
+    if not groups and gain is None:
+        # Hot path (every block call of every decoding step): one add, nothing else.
+        def plain(module, args, output):  # noqa: ANN001, ANN202
+            if type(output) is tuple:
+                return (output[0] + _fit_rows(add, output[0]), *output[1:])
+            return output + _fit_rows(add, output)
+
+        return plain
+
+    def hook(module, args, kwargs, output):  # noqa: ANN001, ANN202
+        hidden = output[0] if isinstance(output, tuple) else output
+        if add is not None:
+            hidden = hidden + _fit_rows(add if gain is None else add * gain, hidden)
+        for g in groups:
+            hidden = _apply(g, hidden, gain, kwargs.get("position_ids"))
+        if isinstance(output, tuple):
+            return (hidden, *output[1:])
+        return hidden
 
     return hook
+
+
+def plan(lm, rows: Sequence[Sequence[Resolved]]) -> tuple[dict[int, torch.Tensor], dict[int, list[_Group]]]:  # noqa: ANN001
+    """Per layer: the summed plain adds (all positions) and the operator groups, on CPU in fp32."""
+    n, hsz = len(rows), lm.hidden_size
+    adds: dict[int, torch.Tensor] = {}
+    groups: dict[tuple, _Group] = {}
+    for r, row in enumerate(rows):
+        for j, res in enumerate(row):
+            _check_hidden(lm, res)
+            for t in res.terms:
+                if t.operator == "add" and t.positions == "all":
+                    adds.setdefault(t.layer, torch.zeros(n, 1, hsz))[r, 0] += t.direction
+                    continue
+                key = (t.layer, j, t.operator, str(t.positions))
+                if key not in groups:
+                    z = lambda k: torch.zeros(n, 1, k)  # noqa: E731
+                    groups[key] = _Group(t.operator, t.positions, z(hsz), z(1), z(1), z(1), z(1))
+                g = groups[key]
+                g.u[r, 0] = t.direction
+                g.amount[r, 0], g.baseline[r, 0], g.norm[r, 0], g.on[r, 0] = t.amount, t.baseline, t.norm, 1.0
+    by_layer: dict[int, list[_Group]] = {}
+    for key in sorted(groups, key=lambda k: (k[0], k[1])):
+        by_layer.setdefault(key[0], []).append(groups[key])
+    return adds, by_layer
 
 
 @contextmanager
@@ -139,29 +215,45 @@ def steer(
     lm,
     steering: RowSteering | Sequence[RowSteering],
     *,
-    positions: Positions = "all",
+    positions: str | int | None = None,
     norm_preserve: bool = False,
-) -> Iterator[None]:
-    """Steer ``lm`` inside the ``with`` block.
+    operator: str | None = None,
+    gain: torch.Tensor | None = None,
+) -> Iterator[list[list[Resolved]]]:
+    """Steer ``lm`` inside the ``with`` block; yields the resolved entries per row.
 
-    ``steering`` is either one list of vectors/doses applied to every row, or a list with one
-    such *list* per batch row (an empty list leaves that row unsteered). ``positions``: ``all``
-    (every token, the seed's behaviour) or ``generated`` (only the positions that produce new
-    tokens). ``norm_preserve`` rescales each steered hidden state back to its original norm.
+    ``steering`` is either one list of entries applied to every row, or a list with one such
+    *list* per batch row (an empty list leaves that row unsteered). ``positions`` and
+    ``operator`` are call-level defaults for entries that set none (``norm_preserve`` is the
+    older spelling of ``operator="add_norm"``). ``gain``: a ``[rows, 1, 1]`` tensor on the
+    model's device that scales each row's steering at every step (the coherence governor
+    writes it between steps).
     """
-    if positions not in ("all", "generated"):
-        raise SteeringError(f"positions must be 'all' or 'generated', not {positions!r}")
+    if positions is not None:
+        check_positions(positions)
     rows = steering_rows(steering)
-    deltas = build_deltas(lm, rows, device=lm.device, dtype=lm.dtype)
+    resolved = resolve_rows(rows, lm.n_layers, positions=positions, operator=operator)
+    if norm_preserve:
+        resolved = [[_norm_preserving(r, lm.n_layers) for r in row] for row in resolved]
+    adds, groups = plan(lm, resolved)
     handles = []
     try:
-        for layer, delta in deltas.items():
-            hook = _make_steer_hook(delta, positions, norm_preserve)
-            handles.append(lm.layers[layer].register_forward_hook(hook))
-        yield
+        for layer in sorted(set(adds) | set(groups)):
+            add = adds[layer].to(device=lm.device, dtype=lm.dtype) if layer in adds else None
+            hook = _make_steer_hook(add, [x.to(lm.device, lm.dtype) for x in groups.get(layer, [])], gain)
+            with_kwargs = bool(groups.get(layer)) or gain is not None
+            handles.append(lm.layers[layer].register_forward_hook(hook, with_kwargs=with_kwargs))
+        yield resolved
     finally:
         for h in handles:
             h.remove()
+
+
+def _norm_preserving(res: Resolved, n_layers: int) -> Resolved:
+    """``norm_preserve=True`` turns plain adds into ``add_norm`` (other operators keep theirs)."""
+    if res.operator != "add":
+        return res
+    return resolve(replace(res.steer, operator="add_norm"), n_layers, positions=res.positions, governor=res.governor)
 
 
 @contextmanager
@@ -203,6 +295,29 @@ def add_at_front(lm, layer: int, delta: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def add_trainable(lm, deltas: dict[int, torch.Tensor], sign: torch.Tensor) -> Iterator[None]:
+    """Add ``sign[row] * deltas[layer]`` to block outputs, keeping the autograd graph (for training
+    a vector: :mod:`steerlab.optimize`). ``sign`` is a ``[rows]`` tensor of +1 / -1 / 0."""
+    handles = []
+
+    def make(delta: torch.Tensor):  # noqa: ANN202
+        def hook(module, args, output):  # noqa: ANN001, ANN202
+            hidden = output[0] if isinstance(output, tuple) else output
+            new = hidden + sign.to(hidden.dtype)[:, None, None] * delta.to(hidden.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    try:
+        for layer, delta in deltas.items():
+            handles.append(lm.layers[check_layers([layer], lm.n_layers)[0]].register_forward_hook(make(delta)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class _StopForward(Exception):

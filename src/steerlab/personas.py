@@ -138,6 +138,9 @@ def build_persona(lm, persona: Persona, *, layers: list[int] | None = None, batc
 
     defaults = [x for x in persona.default_layers if x < lm.n_layers] or [lm.n_layers // 2]
     opts = dict(method=persona.method, pooling=persona.pooling, chat=persona.chat) | overrides
+    optimize = opts["method"] == "optimize"
+    if optimize:  # trained from the mean difference (steerlab.optimize)
+        opts["method"] = "mean_diff"
     vec = build_vector(
         lm, persona.positive, persona.negative,
         layers=layers if layers is not None else list(range(lm.n_layers)),
@@ -148,6 +151,10 @@ def build_persona(lm, persona: Persona, *, layers: list[int] | None = None, batc
     )
     if persona.positions != "all":
         vec = vec.with_defaults(positions=persona.positions)
+    if optimize:
+        from .optimize import optimize_vector
+
+        vec = optimize_vector(lm, vec, persona.positive, persona.negative, progress=progress)
     return vec
 
 

@@ -58,8 +58,8 @@ class VectorStore:
             if name in self.vectors:
                 return self.vectors[name]
         if build_missing and name in available_personas():
-            self.warn(f"vector {name!r} not built yet: building it from its persona file")
-            return self.add(build_persona(self.lm, get_persona(name), progress=progress), overwrite=True)
+            self.warn(f"vector {name!r} not built yet: building it from its persona file and measuring its dose window")
+            return self.add(self._build(name, progress), overwrite=True)
         known = sorted(set(self.vectors) | set(available_personas()))
         raise VectorFileError(f"unknown vector {name!r}: available {', '.join(known) or 'none'} (see `steerlab list`)")
 
@@ -81,9 +81,17 @@ class VectorStore:
             todo.append(persona)
         for i, persona in enumerate(todo, 1):
             if notify is not None:
-                notify(f"building {persona.name} ({i}/{len(todo)}) from {len(persona.positive)} contrast pairs...")
-            self.add(build_persona(self.lm, persona, progress=progress), overwrite=True)
+                notify(f"building {persona.name} ({i}/{len(todo)}) from {len(persona.positive)} contrast pairs, "
+                       "then measuring its dose window...")
+            self.add(self._build(persona.name, progress), overwrite=True)
         return [p.name for p in todo]
+
+    def _build(self, name: str, progress: bool) -> SteeringVector:
+        """A persona's vector with its dose window measured (steerlab.calibrate)."""
+        from .calibrate import calibrated
+
+        vec = build_persona(self.lm, get_persona(name), progress=progress)
+        return calibrated(self.lm, vec, progress=self.warn if progress else None)[0]
 
     def add(self, vec: SteeringVector, *, overwrite: bool = False, name: str | None = None) -> SteeringVector:
         """Save ``vec`` as ``<name>.safetensors`` (atomic) and make it available."""

@@ -190,6 +190,7 @@ def sweep(name, layer_spec, strengths, n_prompts, max_new_tokens, positions, nor
                 bar.update(1)
     seconds = time.perf_counter() - start
     best = ev.pick_best(rows)
+    s_even, s_odd = ev.half_scores(best)
     best_setting = next(s for s in settings if s.label(show_build) == best.setting)
 
     _print_table(rows, best)
@@ -197,8 +198,23 @@ def sweep(name, layer_spec, strengths, n_prompts, max_new_tokens, positions, nor
     click.echo(f"best: layer(s) {best.label}, strength {best.strength:g} [{best.setting}]: S={best.score:.3f} "
                f"(C={best.concept:.2f}, F={best.fluency:.2f}, concept cos {best.concept_sim:+.3f} vs base "
                f"{base.concept_sim:+.3f}, keywords {best.keyword_rate:.0%}, ppl x{best.ppl_ratio:.2f})")
+    click.echo(f"  chosen as the best cell on both halves of the prompts: S={s_even:.3f} (even) / {s_odd:.3f} (odd)")
     for o in best.outputs[:2]:
         click.echo(f"  {o.prompt!r} -> {' '.join(o.text.split())[:160]!r}")
+    unused = ev.neutral_prompts()[len(prompts):]
+    if unused:  # the pick, judged on prompts it was not chosen on
+        st = best_setting
+        opts = GenerationOptions(max_new_tokens=max_new_tokens, positions=st.positions,
+                                 norm_preserve=st.norm_preserve, repetition_penalty=repetition_penalty)
+        check = list(ev.sweep(lm, vectors[(st.pooling, st.chat)], [ev.Cell(best.layers, best.strength)],
+                              prompts=unused, embedder=embedder, description=description, keywords=keywords,
+                              reference=reference, options=opts, batch_size=batch_size))[-1]
+        click.echo(f"  on the {len(unused)} prompts the sweep did not use: S={check.score:.3f} "
+                   f"(C={check.concept:.2f}, F={check.fluency:.2f})")
+        held_out = {"prompts": len(unused), "score": round(check.score, 4), "concept": round(check.concept, 4),
+                    "fluency": round(check.fluency, 4)}
+    else:
+        held_out = None
     if best.score < 0.2:
         click.echo("note: no cell is both on-concept and fluent; try other layers, smaller strength steps, "
                    "or layer groups (6+8+10)", err=True)
@@ -207,6 +223,7 @@ def sweep(name, layer_spec, strengths, n_prompts, max_new_tokens, positions, nor
         "positions": best_setting.positions, "norm_preserve": best_setting.norm_preserve,
         "max_new_tokens": max_new_tokens, "reference": reference, "seconds": round(seconds, 1),
         "date": time.strftime("%Y-%m-%d"), "plot": f"{name}.sweep.png",
+        "pick": "max over cells of min(S on even prompts, S on odd prompts)", "held_out": held_out,
     }
     title = f"{name} on {lm.model_id.split('/')[-1]}: {len(prompts)} prompts, {max_new_tokens} tokens"
     files = _write(out_dir, rows, best, summary, signal, title)
@@ -215,13 +232,31 @@ def sweep(name, layer_spec, strengths, n_prompts, max_new_tokens, positions, nor
         click.echo("--no-save: vector defaults unchanged")
         return
     chosen = vectors[(best_setting.pooling, best_setting.chat)]
-    store.update(name, chosen.with_defaults(layers=list(best.layers), strength=best.strength, sweep=summary,
-                                            positions=best_setting.positions,
-                                            norm_preserve=best_setting.norm_preserve))
+    chosen = chosen.with_defaults(layers=list(best.layers), strength=best.strength, sweep=summary,
+                                  positions=best_setting.positions,
+                                  operator="add_norm" if best_setting.norm_preserve else "add")
+    chosen = _refine_window(lm, chosen, best, embedder)
+    store.update(name, chosen)
     shutil.copyfile(out_dir / "sweep.png", store.folder / f"{name}.sweep.png")
     click.echo(f"saved defaults of {name}: layers {list(best.layers)}, strength {best.strength:g}, "
                f"positions {best_setting.positions}, norm_preserve {best_setting.norm_preserve}; "
                f"figure {store.folder / (name + '.sweep.png')}")
+
+
+def _refine_window(lm, vec, best, embedder):  # noqa: ANN001, ANN202
+    """Measure the dose window at the chosen layers and make the chosen strength the default dose,
+    so that a persona's default and the sweep's pick are one setting."""
+    from .calibrate import calibrated, describe_window
+    from .spec import window, window_key
+
+    op = vec.extra["operator"]
+    vec, (w,) = calibrated(lm, vec, operators=[op], layers=best.layers, governor=False, embedder=embedder)
+    click.echo(describe_window(w))
+    top = window(vec, op, False)["max_strength"]
+    dose = round(min(1.0, max(0.05, best.strength / top)), 3) if top else 0.7
+    click.echo(f"the chosen strength {best.strength:g} is dose {dose} of this window"
+               + (" (capped at 1: the pick is past the measured fluent limit)" if best.strength > top else ""))
+    return vec.with_defaults(governor=False, default_dose=dose, sweep={**vec.extra["sweep"], "window": window_key(op, False)})
 
 
 def _print_table(rows, best) -> None:  # noqa: ANN001

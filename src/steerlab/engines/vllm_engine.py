@@ -32,6 +32,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ import torch
 from ..errors import ModelLoadError, SteeringError
 from ..generate import GenerationOptions, _eos_ids
 from ..hooks import Positions, RowSteering, as_steer, steering_rows
-from ..layers import check_layers
+from ..spec import Resolved, resolve
 from ..models import resolve_model_source
 
 __all__ = [
@@ -51,22 +52,42 @@ INSTALL_HINT = "install the vLLM extra first: `bash scripts/install_vllm.sh`, th
 
 
 # ---- payload translation (no vllm needed) --------------------------------------------------
+def _resolved(row: RowSteering, n_layers: int, hidden_size: int) -> list[Resolved]:
+    """The row's entries resolved as the transformers engine would, minus what vllm-lens cannot do.
+
+    vllm-lens adds a fixed vector: the governor is off unless an entry asks for it (then refused),
+    and operators other than ``add`` are refused, each with a one-line reason.
+    """
+    out = []
+    for item in row:
+        st = as_steer(item)
+        _check_vector(st.vector, hidden_size)
+        if st.governor:
+            raise SteeringError("the coherence governor needs the transformers engine (it reads every step's "
+                                "logits); send \"governor\": false on the vLLM engine")
+        res = resolve(replace(st, governor=False), n_layers)
+        if res.operator != "add":
+            raise SteeringError(f"operator {res.operator!r} needs each hidden state; vllm-lens only adds a fixed "
+                                "vector: use operator 'add' on the vLLM engine, or the transformers engine")
+        if res.positions not in ("all", "generated"):
+            raise SteeringError("positions from a given position are not available on the vLLM engine; "
+                                "use 'all' or 'generated'")
+        out.append(res)
+    return out
+
+
 def steering_vectors(row: RowSteering, *, n_layers: int, hidden_size: int) -> list[dict[str, Any]]:
     """One row's steering as vllm-lens ``SteeringVector`` fields, applied at every position.
 
     One dict per (vector, layer): the stored direction (fp32, CPU) as 2-D ``activations``, the
     layer unchanged, ``scale = strength * norm[layer]`` (or the absolute scale), ``norm_match``
-    False. vllm-lens adds ``activations * scale``: bit for bit :meth:`SteeringVector.deltas`.
+    False. vllm-lens adds ``activations * scale``: bit for bit the transformers engine's add.
     """
     out: list[dict[str, Any]] = []
-    for item in row:
-        st = as_steer(item)
-        vec = _check_vector(st.vector, hidden_size)
-        layers = check_layers(list(st.layers), n_layers) if st.layers else None
-        use = list(vec.deltas(strength=st.strength, scale=st.scale, layers=layers))  # validates layers
-        strength = vec.default_strength if st.strength is None else st.strength
-        for layer in check_layers(use, n_layers):
-            scale = st.scale if st.scale is not None else strength * vec.norms[layer]
+    for res in _resolved(row, n_layers, hidden_size):
+        vec = res.steer.vector
+        for layer in res.layers:
+            scale = res.scale if res.scale is not None else float(res.strength) * vec.norms[layer]
             out.append({"activations": vec.directions[layer].detach().to("cpu", torch.float32)[None],
                         "layer_indices": [layer], "scale": float(scale), "norm_match": False,
                         "position_indices": None})
@@ -74,15 +95,11 @@ def steering_vectors(row: RowSteering, *, n_layers: int, hidden_size: int) -> li
 
 
 def row_deltas(row: RowSteering, *, n_layers: int, hidden_size: int) -> dict[int, torch.Tensor]:
-    """Per layer, the sum of one row's deltas (fp32, CPU), as :func:`steerlab.hooks.build_deltas`."""
+    """Per layer, the sum of one row's deltas (fp32, CPU), as the transformers engine adds them."""
     acc: dict[int, torch.Tensor] = {}
-    for item in row:
-        st = as_steer(item)
-        _check_vector(st.vector, hidden_size)
-        layers = check_layers(list(st.layers), n_layers) if st.layers else None
-        for layer, d in st.vector.deltas(strength=st.strength, scale=st.scale, layers=layers).items():
-            (layer,) = check_layers([layer], n_layers)
-            acc[layer] = acc.get(layer, torch.zeros(hidden_size)) + d.float()
+    for res in _resolved(row, n_layers, hidden_size):
+        for t in res.terms:
+            acc[t.layer] = acc.get(t.layer, torch.zeros(hidden_size)) + t.direction.float()
     return acc
 
 

@@ -29,6 +29,8 @@ from ..store import VectorStore
 from . import bridge, security
 from .builds import Builds
 from .limits import MAX_NEW_TOKENS
+from .reading_api import Readers, check_read, read_rows
+from .reading_api import router as reading_router
 from .resolve import ServerSettings, describe, label, options, plot_path, resolve_steering, unknown_vector
 from .runner import Busy, Done, GenJob, Runner
 from .schemas import BuildRequest, CompareRequest, GenerateRequest
@@ -74,6 +76,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
     app.state.settings = settings
     app.state.runner = runner
     app.state.builds = Builds()
+    app.state.readers = Readers()
     app.state.adds_special_tokens = _adds_special_tokens(lm.tokenizer)
     examples = json.loads(_data("examples.json"))
     _install_error_handlers(app)
@@ -118,7 +121,9 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
     # ---- generation -----------------------------------------------------------------------
     def make_job(req: GenerateRequest | CompareRequest, compare: bool) -> tuple[GenJob, bridge.Channel, list]:
         store.refresh()  # a vector file changed on disk (e.g. `steerlab sweep` stored new defaults): re-read it
-        steers, applied = resolve_steering(req.steering, req.strength, store=store, lm=lm, settings=settings)
+        steers, applied = resolve_steering(req.steering, req.strength, store=store, lm=lm, settings=settings,
+                                           dose=req.dose, governor=req.governor, positions=req.positions)
+        check_read(req.read, store)
         if compare and not steers:
             raise HTTPException(400, "compare needs steering: name a vector (GET /vectors lists them)")
         opts = options(req, steers, lm=lm, max_new_tokens=req.max_length, chat=req.chat)
@@ -134,15 +139,35 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
                 "timing": {"queued_s": round(done.queued_s, 4), "total_s": round(done.total_s, 4),
                            "first_token_s": None if done.first_token_s is None else round(done.first_token_s, 4)}}
 
+    async def with_reading(req, rows: list[str], done: Done, result: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+        """``result`` plus ``read``: per row, token readings of the reply (only when the request asks)."""
+        if not req.read:
+            return result
+        got = await read_rows(app.state, req.read, [r.text for r in done.rows], prompts=[req.prompt] * len(rows),
+                              chat=req.chat)
+        return {**result, "read": dict(zip(rows, got))}
+
     def stream(job: GenJob, channel: bridge.Channel, request: Request, rows: list[str], applied: list,
-               payload) -> StreamingResponse:  # noqa: ANN001
+               payload, req) -> StreamingResponse:  # noqa: ANN001
+        held: list[Done] = []
         frames = bridge.stream_events(
             job, channel, request, first=[bridge.sse("start", {"rows": rows, "applied": applied})],
-            delta=lambda d: bridge.sse("delta", {"row": rows[d.row], "text": d.text}),
-            done=lambda d: [bridge.sse("done", payload(d))],
+            delta=lambda d: bridge.sse("delta", {"row": rows[d.row], "text": d.text}
+                                       | ({} if d.gain is None else {"gain": d.gain})),
+            done=lambda d: held.append(d) or [],  # sent below, after the readings (if any)
             error=lambda e: [bridge.sse("error", {"error": e.detail, "status": e.status_code})],
         )
-        return StreamingResponse(frames, media_type="text/event-stream", headers=bridge.SSE_HEADERS)
+
+        async def framed() -> AsyncIterator[bytes]:
+            async for frame in frames:
+                yield frame
+            if held:
+                try:
+                    yield bridge.sse("done", await with_reading(req, rows, held[0], payload(held[0])))
+                except HTTPException as e:
+                    yield bridge.sse("error", {"error": e.detail, "status": e.status_code})
+
+        return StreamingResponse(framed(), media_type="text/event-stream", headers=bridge.SSE_HEADERS)
 
     @app.post("/generate", summary="Generate one completion (the seed's endpoint; stream=true for SSE)")
     async def generate(req: GenerateRequest, request: Request) -> Any:
@@ -151,11 +176,13 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         def payload(done: Done) -> dict[str, Any]:
             row = done.rows[0]
             return {"success": True, "prompt": req.prompt, "generated": row.text, "steering": label(applied),
-                    "applied": applied, "tokens": row.tokens, "finish_reason": row.finish_reason, **meta(done)}
+                    "applied": applied, "tokens": row.tokens, "finish_reason": row.finish_reason,
+                    "governor": row.governor, **meta(done)}
 
         if req.stream:
-            return stream(job, channel, request, ["generated"], applied, payload)
-        return payload(await bridge.collect(job, channel, request))
+            return stream(job, channel, request, ["generated"], applied, payload, req)
+        done = await bridge.collect(job, channel, request)
+        return await with_reading(req, ["generated"], done, payload(done))
 
     @app.post("/compare", summary="Base vs steered, in ONE batched generation (stream=true for SSE)")
     async def compare(req: CompareRequest, request: Request) -> Any:
@@ -165,11 +192,13 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
             base, steered = done.rows
             return {"success": True, "prompt": req.prompt, "base": base.text, "steered": steered.text,
                     "steering_type": label(applied), "applied": applied,
-                    "tokens": {"base": base.tokens, "steered": steered.tokens}, **meta(done)}
+                    "tokens": {"base": base.tokens, "steered": steered.tokens}, "governor": steered.governor,
+                    **meta(done)}
 
         if req.stream:
-            return stream(job, channel, request, ["base", "steered"], applied, payload)
-        return payload(await bridge.collect(job, channel, request))
+            return stream(job, channel, request, ["base", "steered"], applied, payload, req)
+        done = await bridge.collect(job, channel, request)
+        return await with_reading(req, ["base", "steered"], done, payload(done))
 
     # ---- vectors and builds ---------------------------------------------------------------
     @app.get("/vectors", summary="Loaded vectors with metadata")
@@ -248,6 +277,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
     from .openai_api import router as openai_router
 
     app.include_router(openai_router)
+    app.include_router(reading_router)
     return app
 
 

@@ -17,6 +17,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 from . import bridge
+from .reading_api import check_read, read_rows
 from .resolve import options, resolve_steering
 from .runner import Done, GenJob
 from .schemas import ChatRequest
@@ -54,7 +55,9 @@ async def chat_completions(req: ChatRequest, request: Request) -> Any:
     state = request.app.state
     lm, settings = state.lm, state.settings
     prompt, chat = render(lm, req.messages, adds_special=state.adds_special_tokens)
-    steers, applied = resolve_steering(req.steering, req.strength, store=state.store, lm=lm, settings=settings)
+    steers, applied = resolve_steering(req.steering, req.strength, store=state.store, lm=lm, settings=settings,
+                                       dose=req.dose, governor=req.governor)
+    check_read(req.read, state.store)
     opts = options(req, steers, lm=lm, max_new_tokens=req.new_tokens, chat=chat)
     channel = bridge.Channel()
     job = GenJob(prompts=[prompt], steering=[steers], options=opts, emit=channel.emit,
@@ -67,19 +70,31 @@ async def chat_completions(req: ChatRequest, request: Request) -> Any:
         return {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.tokens,
                 "total_tokens": row.prompt_tokens + row.tokens}
 
+    async def reading(done: Done) -> dict[str, Any]:
+        """The extra ``read`` field: token readings of the reply (only when asked)."""
+        if not req.read:
+            return {}
+        rows = await read_rows(state, req.read, [done.rows[0].text], prompts=[prompt], chat=chat)
+        return {"read": rows[0]}
+
     if not req.stream:
         done = await bridge.collect(job, channel, request)
         row = done.rows[0]
         return {"id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": row.text},
                              "finish_reason": row.finish_reason, "logprobs": None}],
-                "usage": usage(done), "steering": applied}
+                "usage": usage(done), "steering": applied, **(await reading(done))}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
+    held: list[Done] = []
+
     def done_frames(done: Done) -> list[bytes]:
+        if req.read and not held:  # readings first: sent from framed() below
+            held.append(done)
+            return []
         frames = [bridge.sse(None, chunk({}, done.rows[0].finish_reason))]
         if (req.stream_options or {}).get("include_usage"):
             frames.append(bridge.sse(None, {**chunk({}), "choices": [], "usage": usage(done)}))
@@ -94,4 +109,18 @@ async def chat_completions(req: ChatRequest, request: Request) -> Any:
         job, channel, request, first=[bridge.sse(None, chunk({"role": "assistant", "content": ""}))],
         delta=lambda d: bridge.sse(None, chunk({"content": d.text})), done=done_frames, error=error_frames,
     )
-    return StreamingResponse(frames, media_type="text/event-stream", headers=bridge.SSE_HEADERS)
+
+    async def framed() -> Any:
+        async for frame in frames:
+            yield frame
+        if held:  # a last chunk with no choices carries the readings, then the usual ending
+            try:
+                yield bridge.sse(None, {**chunk({}), "choices": [], **(await reading(held[0]))})
+            except HTTPException as exc:
+                for frame in error_frames(exc):
+                    yield frame
+                return
+            for frame in done_frames(held[0]):
+                yield frame
+
+    return StreamingResponse(framed(), media_type="text/event-stream", headers=bridge.SSE_HEADERS)

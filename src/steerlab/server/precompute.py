@@ -36,24 +36,31 @@ def example_prompts(n: int) -> list[tuple[str, bool]]:
 def precompute(lm, store: VectorStore, strengths: dict[str, float | None], prompts: list[tuple[str, bool]], *,
                max_new_tokens: int = 48) -> dict[str, Any]:  # noqa: ANN001
     """Greedy base and steered completions of ``prompts`` ((text, chat) pairs) for each vector
-    named in ``strengths`` (at that strength; None: the vector's default). One batch per mode."""
+    named in ``strengths`` (at that strength; None: the vector's default, a dose once its window
+    is measured). One batch per mode."""
     vectors = {name: store.get(name) for name in strengths}  # builds a missing built-in persona first
     texts: dict[tuple[int, str | None], str] = {}  # (prompt index, persona or None for base) -> text
+    applied_by_name: dict[str, dict] = {}
     for chat in (True, False):
         chosen = [i for i, (_, c) in enumerate(prompts) if c == chat and (lm.has_chat_template or not c)]
         if not chosen:
             continue
         keys = [(i, None) for i in chosen] + [(i, name) for name in vectors for i in chosen]
         steering = [[] if name is None else [Steer(vectors[name], strength=strengths[name])] for _, name in keys]
+        report: dict = {}
         outs = generate(lm, [prompts[i][0] for i, _ in keys], steering,
-                        options=GenerationOptions(max_new_tokens=max_new_tokens, chat=chat))
+                        options=GenerationOptions(max_new_tokens=max_new_tokens, chat=chat), report=report)
         texts |= dict(zip(keys, outs, strict=True))
+        for row, (_, name) in enumerate(keys):
+            if name is not None:
+                applied_by_name.setdefault(name, report["steering"][row][0])
     done = sorted({i for i, _ in texts})
     personas = {}
     for name, vec in vectors.items():
+        applied = applied_by_name[name]
         personas[name] = {
-            "strength": strengths[name] if strengths[name] is not None else vec.default_strength,
-            "layers": vec.active_layers,
+            **{k: applied[k] for k in ("dose", "strength", "scale", "operator", "governor") if k in applied},
+            "layers": applied["layers"],
             "description": vec.description,
             "examples": [{"prompt": prompts[i][0], "chat": prompts[i][1], "base": texts[(i, None)],
                           "steered": texts[(i, name)]} for i in done],

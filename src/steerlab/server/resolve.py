@@ -16,8 +16,7 @@ from fastapi import HTTPException
 
 from ..errors import SteeringError
 from ..generate import GenerationOptions
-from ..hooks import Steer
-from ..layers import check_layers
+from ..spec import DEFAULT_GOVERNOR, DEFAULT_OPERATOR, Resolved, Steer, default_dose, resolve, window
 from ..personas import builtin_names
 from ..store import VectorStore
 from ..vectors import SteeringVector
@@ -60,6 +59,11 @@ def describe(name: str, vec: SteeringVector, *, settings: ServerSettings, folder
         "default_strength": effective_strength(vec, settings),
         "stored_default_strength": vec.default_strength,
         "positions": vec.extra.get("positions", "all"),
+        "operator": vec.extra.get("operator", DEFAULT_OPERATOR),
+        "governor": bool(vec.extra.get("governor", DEFAULT_GOVERNOR)),
+        "default_dose": default_dose(vec),
+        "window": window(vec, vec.extra.get("operator", DEFAULT_OPERATOR),
+                         bool(vec.extra.get("governor", DEFAULT_GOVERNOR))),
         "keywords": list(vec.keywords),
         "created_at": vec.created_at,
         "builtin": name in builtin_names(),
@@ -83,28 +87,30 @@ def unknown_vector(name: str, store: VectorStore) -> HTTPException:
 
 
 def resolve_steering(steering: list[SteerEntry] | None, strength: float | None, *, store: VectorStore, lm,
-                     settings: ServerSettings) -> tuple[list[Steer], list[dict[str, Any]]]:  # noqa: ANN001
-    """Steer items for one row, and what was applied (name, strength, layers) for the response."""
-    steers: list[Steer] = []
-    applied: list[dict[str, Any]] = []
+                     settings: ServerSettings, dose: float | None = None, governor: bool | None = None,
+                     positions: str | int | None = None) -> tuple[list[Resolved], list[dict[str, Any]]]:  # noqa: ANN001
+    """Resolved entries for one row, and what was applied (vector, dose/strength, operator, layers...).
+
+    Amount: the entry's dose/strength/scale > the request's dose or strength > the server's
+    STRENGTH > the vector's default (a dose once calibrated).
+    """
+    out: list[Resolved] = []
     for entry in steering or []:
         vec = store.vectors.get(entry.vector)
         if vec is None:
             raise unknown_vector(entry.vector, store)
-        dose = next(s for s in (entry.strength, strength, effective_strength(vec, settings)) if s is not None)
-        layers = None
-        if entry.layers:
-            try:
-                layers = tuple(check_layers(list(entry.layers), lm.n_layers))
-            except SteeringError as exc:
-                raise HTTPException(400, f"{entry.vector}: {exc}") from None
-            missing = [x for x in layers if x not in vec.directions]
-            if missing:
-                raise HTTPException(400, f"{entry.vector} has no direction at layers {missing}; it has {vec.layers}")
-        steers.append(Steer(vec, strength=float(dose), layers=layers))
-        applied.append({"vector": entry.vector, "strength": float(dose),
-                        "layers": list(layers) if layers else vec.active_layers})
-    return steers, applied
+        amount = {k: getattr(entry, k) for k in ("dose", "strength", "scale") if getattr(entry, k) is not None}
+        if not amount:
+            amount = {"dose": dose} if dose is not None else {"strength": strength} if strength is not None else \
+                {"strength": settings.strength} if settings.strength is not None else {}
+        st = Steer(vec, layers=tuple(entry.layers) if entry.layers else None, operator=entry.operator,
+                   positions=entry.positions, governor=entry.governor if entry.governor is not None else governor,
+                   **amount)
+        try:
+            out.append(resolve(st, lm.n_layers, positions=positions))
+        except SteeringError as exc:
+            raise HTTPException(400, f"{entry.vector}: {exc}") from None
+    return out, [r.describe() for r in out]
 
 
 def label(applied: list[dict[str, Any]]) -> str:
@@ -112,13 +118,11 @@ def label(applied: list[dict[str, Any]]) -> str:
     return "+".join(a["vector"] for a in applied) or "none"
 
 
-def options(req: Any, steers: list[Steer], *, lm, max_new_tokens: int, chat: bool | None) -> GenerationOptions:  # noqa: ANN001
-    """Generation options of a request; ``positions`` defaults to the first vector's setting."""
+def options(req: Any, steers: list[Resolved], *, lm, max_new_tokens: int, chat: bool | None) -> GenerationOptions:  # noqa: ANN001
+    """Generation options of a request (``positions``: the request's, for entries that set none)."""
     if chat and not lm.has_chat_template:
         raise HTTPException(400, f"{lm.model_id} has no chat template: send \"chat\": false (raw completion)")
     positions = getattr(req, "positions", None)
-    if positions is None:
-        positions = steers[0].vector.extra.get("positions", "all") if steers else "all"
     return GenerationOptions(
         max_new_tokens=max_new_tokens,
         temperature=req.temperature,

@@ -32,7 +32,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..generate import GenerationOptions, _eos_ids, encode_prompts, generate
-from ..hooks import Steer
+from ..spec import Resolved
 
 log = logging.getLogger("steerlab.server")
 
@@ -58,6 +58,7 @@ class JobCancelled(Exception):
 class Delta:
     row: int
     text: str
+    gain: float | None = None  # the governor's gain on this row's steering for these tokens (None: no governor)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class RowResult:
     tokens: int
     prompt_tokens: int
     finish_reason: str  # "stop" (end of text) or "length" (token limit)
+    governor: dict | None = None  # what the coherence governor did to this row (None: it did not run)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class GenJob:
     """One request: prompts (rows) with per-row steering and shared options."""
 
     prompts: list[str]
-    steering: list[list[Steer]]
+    steering: list[list[Resolved]]
     options: GenerationOptions
     emit: Callable[[Event], None]
     timeout_s: float = 120.0
@@ -167,6 +169,7 @@ class _BatchStreamer(BaseStreamer):
         self.reason: list[str | None] = [None] * len(slots)
         self.first_token: dict[GenJob, float] = {}
         self.prompt_seen = False
+        self.report: dict = {}  # filled by generate(): "live" is the governor while it runs
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call carries the prompts
@@ -195,10 +198,16 @@ class _BatchStreamer(BaseStreamer):
     def end(self) -> None:
         pass
 
+    def _gain(self, r: int) -> float | None:
+        gov = self.report.get("live")
+        if gov is None or not bool(gov.on[r]) or not gov.gains[r]:
+            return None
+        return gov.gains[r][-1]
+
     def _emit_delta(self, r: int) -> None:
         if delta := self.texts[r].delta(self.ids[r]):
             job, row = self.slots[r]
-            job.emit(Delta(row, delta))
+            job.emit(Delta(row, delta, self._gain(r)))
 
     def _check_alive(self, now: float) -> None:
         for job in self.jobs:
@@ -217,8 +226,10 @@ class _BatchStreamer(BaseStreamer):
                 tail, text = self.texts[r].final(self.ids[r])
                 if tail:  # a held-back tail
                     job.emit(Delta(self.slots[r][1], tail))
+                gov = self.report.get("live")
+                summary = gov.summary()[r] if gov is not None and bool(gov.on[r]) else None
                 rows.append(RowResult(text=text.strip(), tokens=len(self.ids[r]), prompt_tokens=self.prompt_tokens[r],
-                                      finish_reason=self.reason[r] or "length"))
+                                      finish_reason=self.reason[r] or "length", governor=summary))
         now = time.monotonic()
         first = self.first_token.get(job)
         job.end(Done(rows=rows, batch_jobs=self.n_jobs, batch_rows=len(self.slots),
@@ -391,7 +402,7 @@ class Runner:
         self._counts["jobs"] += len(batch)
         error: BaseException | None = None
         try:
-            generate(self.lm, prompts, steering, options=opts, streamer=streamer, cancel=stop)
+            generate(self.lm, prompts, steering, options=opts, streamer=streamer, cancel=stop, report=streamer.report)
         except Exception as exc:  # reported to every job of the batch
             log.exception("runner: generation failed")
             error = exc

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from ..errors import PersonaError
 from ..personas import NAME_PATTERN, check_name
+from ..spec import DOSE_LIMIT
 from .limits import (
     MAX_CONTRAST_CHARS,
     MAX_CONTRAST_TEXTS,
@@ -30,6 +31,12 @@ NO_STEERING = {"", "none", "base"}  # the seed's page sent "none" for the unstee
 VectorName = Annotated[str, StringConstraints(pattern=NAME_PATTERN.pattern)]
 Strength = Annotated[float, Field(ge=-STRENGTH_LIMIT, le=STRENGTH_LIMIT)]
 Layer = Annotated[int, Field(ge=0, le=4095)]
+Dose = Annotated[float, Field(ge=-DOSE_LIMIT, le=DOSE_LIMIT)]
+OperatorName = Literal["add", "add_norm", "target", "cap", "rotate"]
+ReadNames = Annotated[list[VectorName] | None, Field(
+    max_length=MAX_VECTORS,
+    description="Vectors whose concept to read in the output, token by token, in neutral standard deviations "
+                "(0 = typical neutral text; docs/glassbox.md). Omitted: nothing is read, no cost.")]
 
 
 def check_steering(v: Any) -> Any:
@@ -55,6 +62,16 @@ class SteerEntry(BaseModel):
     layers: list[Layer] | None = Field(
         None, min_length=1, max_length=MAX_LAYERS_PER_ENTRY,
         description="Layers to apply at (0..n_layers-1); default: the vector's default layers.")
+    dose: Dose | None = Field(
+        None, description="0 = no effect, 1 = the strongest setting measured fluent for this vector; past 1 the "
+                          "text is expected to break. Give dose, strength or scale, not two.")
+    scale: Strength | None = Field(None, description="Absolute scale on the unit direction (the seed's STRENGTH).")
+    operator: OperatorName | None = Field(None, description="add, add_norm, target, cap or rotate (docs/dose.md); "
+                                                            "default: the vector's.")
+    positions: Literal["all", "generated"] | Annotated[int, Field(ge=0, le=1_000_000)] | None = Field(
+        None, description="Steer every position, only generated ones, or positions >= N; default: the vector's.")
+    governor: bool | None = Field(None, description="Lower this row's steering while its text breaks; "
+                                                    "default: the request's, then the vector's.")
 
 
 Steering = list[SteerEntry] | None
@@ -70,7 +87,9 @@ class _Sampling(BaseModel):
         description='A vector name ("weeknd", the seed\'s form), or up to 8 entries: names or '
                     '{"vector": "weeknd", "strength": 4, "layers": [12]}. "none" or null: no steering.')] = None
     strength: Strength | None = Field(
-        None, description="Strength for every entry that gives none (residual-norm units).")
+        None, description="Strength for every entry that gives no dose, strength or scale (residual-norm units).")
+    dose: Dose | None = Field(None, description="Dose for every entry that gives no dose, strength or scale.")
+    governor: bool | None = Field(None, description="Coherence governor for every entry that sets none.")
     max_length: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="New tokens to generate.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (only when temperature > 0).")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Random seed: same seed, same sample.")
@@ -79,6 +98,7 @@ class _Sampling(BaseModel):
     positions: Literal["all", "generated"] | None = Field(
         None, description="Steer every position, or only generated ones (default: the vector's setting).")
     stream: bool = Field(False, description="Stream tokens as server-sent events.")
+    read: ReadNames = None
 
     @field_validator("steering", mode="before")
     @classmethod
@@ -174,6 +194,9 @@ class ChatRequest(BaseModel):
     stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true} adds a usage chunk.')
     steering: Annotated[Steering, Field(description="As in /generate.")] = None
     strength: Strength | None = None
+    dose: Dose | None = None
+    governor: bool | None = None
+    read: ReadNames = None
 
     @field_validator("steering", mode="before")
     @classmethod

@@ -1,0 +1,242 @@
+"""One steering entry, and the one resolver that turns it into what the hooks apply.
+
+A :class:`Steer` is what a request entry, a ``--steer`` flag, a vector's saved defaults and a
+sweep cell all become: a vector plus *how much* (``dose``, ``strength`` or ``scale``), *how*
+(``operator``), *where* (``layers``, ``positions``) and whether the coherence ``governor`` watches
+the row. :func:`resolve` is the only place that fills the gaps from the vector's defaults and
+turns a dose into a strength; :mod:`steerlab.hooks` only ever sees resolved :class:`Term` s.
+
+Operators (``h`` a token's residual at layer ``l``, ``u`` the unit direction, ``n_l`` the layer's
+typical residual norm, ``b_l`` the typical projection of neutral text on ``u``, ``s`` the strength):
+
+* ``add``: ``h + s n_l u`` (classic activation addition; ``scale`` gives ``h + scale u``).
+* ``add_norm``: ``add``, then rescaled back to ``|h|`` (norm-preserving).
+* ``target``: ``h + max(0, b_l + s n_l - h.u) u``: raise the component along ``u`` to the target
+  ``b_l + s n_l``, adding only what is missing (self-limiting: tokens already there are untouched).
+* ``cap``: ``h + (clip(h.u, lo, hi) - h.u) u`` with ``[lo, hi] = b_l + [min(0, s), max(0, s)] n_l``:
+  keep the component inside a range (``s < 0`` limits a concept to its neutral level).
+* ``rotate``: in the plane of ``h`` and ``u``, turn ``h`` toward ``u`` by ``s x 90`` degrees (never past
+  ``u``), keeping ``|h|`` (angular steering).
+
+``target``, ``cap`` and ``rotate`` leave attention-sink tokens (norm above ``SINK_RATIO x n_l``) alone.
+
+Dose: ``dose`` in ``[0, 1]`` maps linearly onto the vector's measured window for the operator,
+``strength = dose x max_strength`` (see :mod:`steerlab.calibrate`): 0 is no effect, 1 the strongest
+strength that kept the text fluent when it was measured, past 1 the text is expected to break.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from .errors import SteeringError
+from .layers import check_layers
+from .vectors import SteeringVector
+
+Operator = Literal["add", "add_norm", "target", "cap", "rotate"]
+OPERATORS: tuple[str, ...] = ("add", "add_norm", "target", "cap", "rotate")
+SINK_RATIO = 8.0  # a token whose residual norm is this many typical norms is an attention sink
+DOSE_LIMIT = 3.0  # doses past 1 are allowed (to see the text break) up to this
+DEFAULT_OPERATOR = "add"
+DEFAULT_GOVERNOR = False  # for vectors never calibrated; calibration turns it on (docs/dose.md)
+DEFAULT_DOSE = 0.7  # what a calibrated vector applies when no amount is given
+
+
+@dataclass(frozen=True)
+class Steer:
+    """One vector, how much, how and where. Unset fields come from the vector's defaults.
+
+    Give at most one of ``dose`` (0..1 of the measured window), ``strength`` (residual-norm
+    units per layer) and ``scale`` (absolute, the seed's ``STRENGTH``). ``positions``: ``all``,
+    ``generated`` (only positions that produce new tokens) or an int ``p`` (absolute positions
+    >= p). ``governor``: let the coherence governor lower this row's steering when it breaks.
+    """
+
+    vector: SteeringVector
+    strength: float | None = None
+    scale: float | None = None
+    layers: tuple[int, ...] | None = None
+    dose: float | None = None
+    operator: str | None = None
+    positions: str | int | None = None
+    governor: bool | None = None
+
+
+SteerLike = "Steer | SteeringVector | tuple | Resolved"
+
+
+def as_steer(item: SteerLike) -> Steer:
+    """Accept ``Steer``, a bare vector (default dose) or ``(vector, strength)``."""
+    if isinstance(item, Steer):
+        return item
+    if isinstance(item, SteeringVector):
+        return Steer(item)
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], SteeringVector):
+        return Steer(item[0], strength=float(item[1]))
+    raise SteeringError(f"cannot steer with {item!r}: give a SteeringVector, (vector, strength) or Steer")
+
+
+@dataclass(frozen=True)
+class Term:
+    """What one hook applies for one entry at one layer (fp32, CPU; the hook moves it once)."""
+
+    layer: int
+    operator: str
+    direction: torch.Tensor  # unit for target/cap/rotate; for add: the full delta (s n_l u)
+    amount: float  # add: 1; target/cap: s n_l; rotate: angle in radians
+    baseline: float  # b_l (target, cap)
+    norm: float  # n_l (sink detection)
+    positions: str | int
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A :class:`Steer` with every field decided, plus its terms."""
+
+    steer: Steer
+    dose: float | None  # the dose given, or the vector's default dose; None when a strength/scale was given
+    strength: float | None
+    scale: float | None
+    layers: tuple[int, ...]
+    operator: str
+    positions: str | int
+    governor: bool
+    note: str  # e.g. why a dose was rescaled; "" when nothing to say
+    terms: tuple[Term, ...]
+
+    def describe(self) -> dict:
+        """JSON-able record of what was applied (responses, CLI)."""
+        d = {"vector": self.steer.vector.name, "operator": self.operator, "layers": list(self.layers),
+             "positions": self.positions, "governor": self.governor}
+        if self.dose is not None:
+            d["dose"] = self.dose
+        if self.scale is not None:
+            d["scale"] = self.scale
+        else:
+            d["strength"] = round(float(self.strength), 6)
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+def check_positions(p: str | int) -> str | int:
+    if isinstance(p, bool) or not (p in ("all", "generated") or (isinstance(p, int) and p >= 0)):
+        raise SteeringError(f"positions must be 'all', 'generated' or a position >= 0, not {p!r}")
+    return p
+
+
+def parse_positions(text: str) -> str | int:
+    """``all``, ``generated`` or ``from:N`` / ``N`` (absolute positions >= N)."""
+    t = text.strip()
+    if t in ("all", "generated"):
+        return t
+    try:
+        return check_positions(int(t.removeprefix("from:")))
+    except ValueError:
+        raise SteeringError(f"positions {text!r}: use all, generated or from:N (e.g. from:5)") from None
+
+
+def window_key(operator: str, governor: bool) -> str:
+    return operator + ("+governor" if governor else "")
+
+
+def window(vector: SteeringVector, operator: str, governor: bool = False) -> dict | None:
+    """The measured dose window of ``vector`` for ``operator`` (with or without the governor;
+    see :mod:`steerlab.calibrate`). A window measured with the governor serves only governed rows."""
+    return (vector.extra.get("windows") or {}).get(window_key(operator, governor))
+
+
+def default_dose(vector: SteeringVector) -> float:
+    return float(vector.extra.get("default_dose", DEFAULT_DOSE))
+
+
+def dose_to_strength(vector: SteeringVector, operator: str, dose: float, layers: Sequence[int],
+                     governor: bool = False) -> tuple[float, str]:
+    """``dose x max_strength`` of the window; rescaled by layer count when ``layers`` differ."""
+    w = window(vector, operator, governor)
+    fallback = ""
+    if w is None and not governor and window(vector, operator, True) is not None:
+        w = window(vector, operator, True)
+        fallback = ("dose window measured with the governor, which is off here: the text may break earlier "
+                    f"(`steerlab calibrate {vector.name} --no-governor` measures it without)")
+    if w is None:
+        flag = " --governor" if governor else ""
+        raise SteeringError(
+            f"{vector.name} has no measured dose window for operator {operator!r}"
+            f"{' with the governor' if governor else ''}: run `steerlab calibrate {vector.name} --operator "
+            f"{operator}{flag}` (or give a strength)")
+    strength = dose * float(w["max_strength"])
+    cal_layers = [int(x) for x in w["layers"]]
+    note = ""
+    if sorted(layers) != sorted(cal_layers):
+        # Same total push spread over other layers: a first guess, not a measurement.
+        strength *= len(cal_layers) / len(layers)
+        note = (f"dose window measured at layers {cal_layers}; rescaled for {len(layers)} layer(s) "
+                f"(calibrate for these layers to measure it)")
+    return strength, "; ".join(x for x in (fallback, note) if x)
+
+
+def resolve(item: SteerLike, n_layers: int, *, operator: str | None = None, positions: str | int | None = None,
+            governor: bool | None = None) -> Resolved:
+    """Fill an entry's gaps (entry > call-level defaults given here > the vector's) and build its terms."""
+    if isinstance(item, Resolved):
+        return item
+    st = as_steer(item)
+    vec = st.vector
+    given = [k for k in ("dose", "strength", "scale") if getattr(st, k) is not None]
+    if len(given) > 1:
+        raise SteeringError(f"{vec.name}: give one of dose, strength or scale, not {' and '.join(given)}")
+    op = st.operator or operator or vec.extra.get("operator") or DEFAULT_OPERATOR
+    if op not in OPERATORS:
+        raise SteeringError(f"unknown operator {op!r}: use one of {', '.join(OPERATORS)}")
+    pos = check_positions(st.positions if st.positions is not None else
+                          positions if positions is not None else vec.extra.get("positions", "all"))
+    gov = bool(st.governor if st.governor is not None else governor if governor is not None
+               else vec.extra.get("governor", DEFAULT_GOVERNOR))
+    layers = tuple(check_layers(list(st.layers), n_layers)) if st.layers else tuple(vec.active_layers)
+    check_layers(list(layers), n_layers)
+    missing = [x for x in layers if x not in vec.directions]
+    if missing:
+        raise SteeringError(f"{vec.name} has no direction at layers {missing}; it has {vec.layers}")
+    note = ""
+    strength, scale, dose = st.strength, st.scale, st.dose
+    if dose is None and strength is None and scale is None and window(vec, op, gov) is not None:
+        dose = default_dose(vec)  # a measured vector's default is a dose
+    if dose is not None:
+        if not -DOSE_LIMIT <= dose <= DOSE_LIMIT:
+            raise SteeringError(f"dose {dose} is outside -{DOSE_LIMIT:g}..{DOSE_LIMIT:g} (1 = the strongest fluent setting)")
+        strength, note = dose_to_strength(vec, op, dose, layers, gov)
+    elif strength is None and scale is None:
+        strength = vec.default_strength
+    if scale is not None and op not in ("add", "add_norm"):
+        raise SteeringError(f"scale is for the add operators; give {op!r} a dose or strength")
+    terms = tuple(_term(vec, layer, op, strength, scale, pos) for layer in layers)
+    return Resolved(st, dose, strength, scale, layers, op, pos, gov, note, terms)
+
+
+def _term(vec: SteeringVector, layer: int, op: str, strength: float | None, scale: float | None,
+          pos: str | int) -> Term:
+    u = vec.directions[layer].float()
+    n = float(vec.norms[layer])
+    base = float((vec.extra.get("baselines") or {}).get(str(layer), 0.0))
+    if op in ("add", "add_norm"):
+        k = scale if scale is not None else float(strength) * n
+        return Term(layer, op, u * k, 1.0, 0.0, n, pos)
+    unit = u / u.norm().clamp_min(1e-12)
+    if op == "rotate":
+        return Term(layer, op, unit, float(strength) * torch.pi / 2, 0.0, n, pos)
+    return Term(layer, op, unit, float(strength) * n, base, n, pos)
+
+
+def resolve_rows(rows: Sequence[Sequence[SteerLike]], n_layers: int, **defaults: object) -> list[list[Resolved]]:
+    """:func:`resolve` for every entry of every row."""
+    return [[resolve(item, n_layers, **defaults) for item in row] for row in rows]  # type: ignore[arg-type]
+
+
+def with_dose(st: Steer, dose: float) -> Steer:
+    """The same entry at another dose (strength and scale cleared)."""
+    return replace(st, dose=dose, strength=None, scale=None)

@@ -1,0 +1,160 @@
+"""Doses, calibration, the governor and the one steering spec, on the tiny random model."""
+
+from __future__ import annotations
+
+import math
+
+import click
+import pytest
+import torch
+from helpers import random_vector
+
+from steerlab import GenerationOptions, Steer, SteeringError, generate
+from steerlab.calibrate import Window, _crossing, calibrate, with_window
+from steerlab.cli import parse_steer
+from steerlab.governor import Governor, _loops
+from steerlab.spec import resolve
+
+GREEDY = GenerationOptions(max_new_tokens=6)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def windowed(lm, *, max_strength=2.0, layers=(1, 2), governor=False):
+    """A random vector whose 'add' window says dose 1 = ``max_strength`` at ``layers``."""
+    vec = random_vector(lm, range(lm.n_layers)).with_defaults(layers=list(layers))
+    key = "add+governor" if governor else "add"
+    return vec.with_defaults(windows={key: {"layers": list(layers), "max_strength": max_strength}},
+                             governor=governor)
+
+
+def test_dose_maps_linearly_onto_the_window(tiny_lm):
+    vec = windowed(tiny_lm)
+    for dose in (0.0, 0.35, 1.0, 1.4):
+        assert resolve(Steer(vec, dose=dose), tiny_lm.n_layers).strength == pytest.approx(2.0 * dose)
+    r = resolve(Steer(vec), tiny_lm.n_layers)  # a calibrated vector's default is a dose
+    assert r.dose == pytest.approx(0.7) and r.strength == pytest.approx(1.4)
+    assert resolve(Steer(vec, strength=0.3), tiny_lm.n_layers).dose is None  # strength still works
+
+
+def test_dose_on_other_layers_is_rescaled_and_says_so(tiny_lm):
+    r = resolve(Steer(windowed(tiny_lm), dose=1.0, layers=(3,)), tiny_lm.n_layers)
+    assert r.strength == pytest.approx(4.0) and "rescaled for 1 layer" in r.note  # same total push
+
+
+def test_dose_errors_say_what_to_do(tiny_lm):
+    plain = random_vector(tiny_lm, [1])
+    with pytest.raises(SteeringError, match="steerlab calibrate rand"):
+        resolve(Steer(plain, dose=0.5), tiny_lm.n_layers)
+    with pytest.raises(SteeringError, match="one of dose, strength or scale"):
+        resolve(Steer(windowed(tiny_lm), dose=0.5, strength=0.2), tiny_lm.n_layers)
+    with pytest.raises(SteeringError, match="outside"):
+        resolve(Steer(windowed(tiny_lm), dose=9), tiny_lm.n_layers)
+    with pytest.raises(SteeringError, match="unknown operator"):
+        resolve(Steer(plain, operator="multiply"), tiny_lm.n_layers)
+
+
+def test_dose_zero_is_unsteered_and_dose_changes_output(tiny_lm):
+    vec = windowed(tiny_lm, max_strength=20.0)
+    base = generate(tiny_lm, "the cat", None, options=GREEDY)
+    assert generate(tiny_lm, "the cat", [Steer(vec, dose=0.0)], options=GREEDY) == base
+    assert generate(tiny_lm, "the cat", [Steer(vec, dose=1.0)], options=GREEDY) != base
+
+
+def test_a_governed_window_falls_back_with_a_note(tiny_lm):
+    vec = windowed(tiny_lm, governor=True)
+    r = resolve(Steer(vec, dose=0.5, governor=False), tiny_lm.n_layers)
+    assert r.strength == pytest.approx(1.0) and "measured with the governor" in r.note
+
+
+def test_crossing_interpolates_on_a_log_scale():
+    xs, ys = [0.1, 0.2, 0.4], [1.0, 0.8, 0.2]
+    x = _crossing(xs, ys, 0.5, rising=False)
+    assert 0.2 < x < 0.4 and x == pytest.approx(math.exp((math.log(0.2) + math.log(0.4)) / 2))
+    assert _crossing(xs, ys, 0.1, rising=False) is None
+    assert _crossing(xs, [0.0, 0.3, 0.9], 0.3, rising=True) == pytest.approx(0.2)
+
+
+def test_calibrate_measures_a_ladder_and_stores_the_window(tiny_lm):
+    vec = random_vector(tiny_lm, range(tiny_lm.n_layers)).with_defaults(layers=[1, 2])
+    w = calibrate(tiny_lm, vec, strengths=[0.5, 2.0, 8.0, 32.0], prompts=["the cat", "a dog ran"])
+    assert isinstance(w, Window) and [r.strength for r in w.rungs] == [0.5, 2.0, 8.0, 32.0]
+    assert w.layers == (1, 2) and w.concept_measure == "reading" and len(w.base_replies) == 2
+    assert all(0.0 <= r.fluency <= 1.0 for r in w.rungs)
+    # the window's dose 1 is never past a measured breakdown
+    assert w.breakdown is None or w.max_strength <= w.breakdown
+    stored = with_window(vec, w)
+    assert stored.extra["windows"]["add"]["max_strength"] == pytest.approx(w.max_strength, rel=1e-3)
+    r = resolve(Steer(stored, dose=0.5), tiny_lm.n_layers)
+    assert r.strength == pytest.approx(0.5 * stored.extra["windows"]["add"]["max_strength"])
+
+
+def test_governor_lowers_breaking_rows_and_restores_them():
+    gov = Governor([True, True, False], device=torch.device("cpu"), dtype=torch.float32)
+    flat = torch.zeros(3, 1000)  # entropy log(1000) = 6.9 nats: every row "breaking"
+    ids = torch.arange(12).repeat(3, 1)
+    gov(ids, flat)
+    gov(ids, flat)
+    g = gov.gain[:, 0, 0]
+    assert g[0] < 1 and g[1] < 1 and g[2] == 1  # the ungoverned row is never touched
+    sharp = torch.full((3, 1000), -50.0)
+    sharp[:, 0] = 50.0  # entropy ~0: recovered
+    for _ in range(12):
+        gov(ids, sharp)
+    assert torch.equal(gov.gain[:, 0, 0], torch.ones(3))
+    assert len(gov.gains[0]) == 14 and gov.summary()[0]["steps_lowered"] >= 2 and gov.summary()[2] == {}
+
+
+def test_loop_detection_finds_repeated_four_grams():
+    loop = torch.tensor([[1, 2, 3, 4, 9, 1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    assert _loops(loop).tolist() == [True, False]
+
+
+def test_governor_runs_inside_generate_and_reports(tiny_lm):
+    vec = windowed(tiny_lm, max_strength=20.0, governor=True)
+    report: dict = {}
+    out = generate(tiny_lm, ["the cat", "a dog"], [[Steer(vec, dose=1.0)], []], options=GREEDY, report=report)
+    assert len(out) == 2 and report["governor"][1] == {} and report["governor"][0]["steps"] == 6
+    assert report["steering"][0][0]["governor"] is True and report["steering"][1] == []
+    # the tiny random model's entropy is ~log(vocab): the governor eases off at once
+    assert report["governor"][0]["min_gain"] < 1
+
+
+@pytest.mark.parametrize(("spec", "want"), [
+    ("cats", ("cats", {})),
+    ("cats:0.3", ("cats", {"strength": 0.3})),
+    ("cats:dose=0.5", ("cats", {"dose": 0.5})),
+    ("cats:dose=0.5:op=target:governor=off", ("cats", {"dose": 0.5, "operator": "target", "governor": False})),
+    ("cats:positions=from:3", None),  # ':' separates fields: from:N is not expressible here
+    ("cats:positions=generated", ("cats", {"positions": "generated"})),
+])
+def test_parse_steer(spec, want):
+    if want is None:
+        with pytest.raises(click.BadParameter):
+            parse_steer(spec)
+    else:
+        assert parse_steer(spec) == want
+
+
+def test_parse_steer_errors_show_the_form():
+    with pytest.raises(click.BadParameter, match="dose=0.5"):
+        parse_steer("cats:volume=3")
+
+
+def test_optimize_trains_the_direction_toward_the_positives(tiny_lm):
+    from steerlab.extract import build_vector
+    from steerlab.optimize import optimize_vector
+
+    pos = ["the cat sat on the mat", "a cat purrs softly", "my cat naps all day", "the cat wants fish"]
+    neg = ["the car sat in the lot", "a car hums softly", "my car parks all day", "the car wants fuel"]
+    start = build_vector(tiny_lm, pos, neg, layers=[1, 2], default_layers=[1, 2], default_strength=0.5,
+                         progress=False, name="cats")
+    losses: list[float] = []
+    vec = optimize_vector(tiny_lm, start, pos, neg, steps=12, lr=0.05, progress=False,
+                          on_step=lambda i, loss: losses.append(loss))
+    assert vec.method == "optimize" and vec.layers == start.layers and len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns
+    for layer in (1, 2):
+        assert float(vec.directions[layer].norm()) == pytest.approx(1.0, abs=1e-4)
+        assert not torch.equal(vec.directions[layer], start.directions[layer])
+    assert vec.default_strength > 0 and "windows" not in vec.extra  # a new direction: measure it again
+    assert all(p.grad is None or not p.requires_grad for p in tiny_lm.model.parameters())

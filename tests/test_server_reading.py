@@ -1,0 +1,97 @@
+"""The ``read`` field of /generate, /compare and /v1/chat/completions, and POST /read, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from test_server import events, greedy, make_store
+
+from steerlab.models import load_model
+from steerlab.server import ServerSettings, create_app
+from steerlab.server.background import serve_in_thread
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    lm = load_model(str(tiny_dir), device="cpu")
+    store = make_store(lm, tmp_path_factory.mktemp("read-vectors"))
+    app = create_app(lm, store, ServerSettings(batch_wait_s=0.02))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield SimpleNamespace(app=app, client=client, lm=lm)
+
+
+def check_row(row: dict, text: str, names: list[str]) -> None:
+    assert "".join(row["tokens"]) == text
+    assert set(row["values"]) == set(names)
+    assert all(len(v) == len(row["tokens"]) for v in row["values"].values())
+
+
+def test_generate_and_compare_return_readings_that_tile_the_text(server):
+    c = server.client
+    r = c.post("/generate", json=greedy(steering="weeknd", read=["tabby_cats", "weeknd"]))
+    assert r.status_code == 200, r.text
+    data = r.json()
+    check_row(data["read"]["generated"], data["generated"], ["tabby_cats", "weeknd"])
+    r = c.post("/compare", json=greedy(steering="weeknd", read=["weeknd"]))
+    data = r.json()
+    check_row(data["read"]["base"], data["base"], ["weeknd"])
+    check_row(data["read"]["steered"], data["steered"], ["weeknd"])
+    # the same reply read twice (cached reader) gives the same numbers
+    again = c.post("/compare", json=greedy(steering="weeknd", read=["weeknd"])).json()
+    assert again["read"] == data["read"]
+
+
+def test_no_read_means_no_reading(server):
+    before = server.app.state.runner.stats()
+    r = server.client.post("/generate", json=greedy(steering="weeknd"))
+    assert "read" not in r.json()
+    after = server.app.state.runner.stats()
+    assert after.get("calls", 0) == before.get("calls", 0)  # no extra work on the worker
+
+
+def test_streamed_done_event_carries_the_readings(server):
+    got = events(server.client, "/compare", greedy(steering="toronto", read=["toronto"], stream=True))
+    kinds = [k for k, _ in got]
+    assert kinds[0] == "start" and kinds[-1] == "done" and "delta" in kinds
+    done = got[-1][1]
+    check_row(done["read"]["steered"], done["steered"], ["toronto"])
+
+
+def test_unknown_read_vector_is_refused_before_generating(server):
+    r = server.client.post("/generate", json=greedy(steering="weeknd", read=["nope"]))
+    assert r.status_code == 404 and "unknown vector 'nope'" in r.json()["error"]
+    r = server.client.post("/generate", json=greedy(read=["bad name!"]))
+    assert r.status_code == 422
+
+
+def test_read_endpoint_monitors_any_text(server):
+    r = server.client.post("/read", json={"text": "the cat sat on the mat", "read": ["tabby_cats"]})
+    assert r.status_code == 200, r.text
+    check_row(r.json()["read"], "the cat sat on the mat", ["tabby_cats"])
+    as_reply = server.client.post("/read", json={"text": "the cat sat on the mat", "read": ["tabby_cats"],
+                                                 "prompt": "tell me"}).json()
+    assert as_reply["read"]["tokens"] == r.json()["read"]["tokens"]
+    assert server.client.post("/read", json={"text": "x", "read": []}).status_code == 422
+
+
+def test_openai_chat_returns_readings_plain_and_streamed(server):
+    body = {"messages": [{"role": "user", "content": "the cat"}], "max_tokens": 6, "temperature": 0,
+            "steering": "weeknd", "read": ["weeknd"]}
+    r = server.client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    check_row(data["read"], data["choices"][0]["message"]["content"], ["weeknd"])
+    chunks = []
+    with server.client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                chunks.append(json.loads(line[5:]))
+    text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"])
+    reads = [ch["read"] for ch in chunks if "read" in ch]
+    assert len(reads) == 1 and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    check_row(reads[0], text, ["weeknd"])
