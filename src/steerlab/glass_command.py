@@ -273,7 +273,7 @@ def similar_cmd(names, layer_spec, plot_path, no_plot, as_json, vectors_dir) -> 
         return
     pairs = sim.pairs()
     idx = {n: i for i, n in enumerate(sim.names)}
-    width = max(12, *(len(a) + len(b) + 3 for a, b in pairs))
+    width = max(12, *(len(a) + len(b) + 3 for a, b in pairs)) + 2
     click.echo("layer  " + "".join(f"{a + ' / ' + b:>{width}}" for a, b in pairs))
     for x in sim.layers:
         m = sim.per_layer[x]
