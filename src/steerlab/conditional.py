@@ -26,7 +26,7 @@ class Condition:
     """Fires when ``vector``'s reading of the prompt (``stat`` over its tokens) is >= ``threshold``."""
 
     vector: SteeringVector
-    threshold: float = 2.0
+    threshold: float = 3.0
     stat: Literal["mean", "peak"] = "peak"
 
 
