@@ -48,7 +48,7 @@ def conditional_rows(lm, prompts: Sequence[str], entries: Sequence[Conditional |
     """
     items = [e if isinstance(e, Conditional) else Conditional(as_steer(e)) for e in entries]
     conds = list({id(c.condition.vector): c.condition.vector for c in items if c.condition}.values())
-    readings: list[dict[str, float]] = [{} for _ in prompts]
+    stats: list[dict[str, float]] = [{} for _ in prompts]
     if conds:
         if reader is None:
             reader = Reader(lm, conds)
@@ -56,19 +56,14 @@ def conditional_rows(lm, prompts: Sequence[str], entries: Sequence[Conditional |
         if missing:
             raise SteeringError(f"the reader does not read the condition vectors {sorted(missing)}")
         for i, r in enumerate(reader.read(list(prompts))):
-            readings[i] = {v.name: (r.peak(v.name), r.mean(v.name)) for v in conds}  # type: ignore[misc]
+            for v in conds:
+                stats[i] |= {f"{v.name}.peak": r.peak(v.name), f"{v.name}.mean": r.mean(v.name)}
     rows: list[list[Steer]] = []
     for i in range(len(prompts)):
         row = []
         for item in items:
             c = item.condition
-            if c is None:
-                row.append(item.steer)
-                continue
-            peak, mean = readings[i][c.vector.name]  # type: ignore[misc]
-            if (peak if c.stat == "peak" else mean) >= c.threshold:
+            if c is None or stats[i][f"{c.vector.name}.{c.stat}"] >= c.threshold:
                 row.append(item.steer)
         rows.append(row)
-    stats = [{f"{n}.{k}": v for n, (peak, mean) in r.items() for k, v in (("peak", peak), ("mean", mean))}  # type: ignore[misc]
-             for r in readings]
     return rows, stats
