@@ -137,6 +137,10 @@ def test_concept_highlighting_in_the_page(driver, real_server):
     steered_mean = result["read"]["steered"]["mean"]["tabby_cats"]
     base_mean = result["read"]["base"]["mean"]["tabby_cats"]
     assert steered_mean > base_mean  # the steered reply carries more of the concept
+    card = driver.find_element(By.CSS_SELECTOR, ".persona[data-name=tabby_cats]")
+    card.find_element(By.CSS_SELECTOR, ".lens summary").click()  # the vector's logit lens
+    wait.until(lambda d: "L29:" in card.find_element(By.CSS_SELECTOR, ".lens .hint").text)
+    assert "kitten" in card.find_element(By.CSS_SELECTOR, ".lens .hint").text
     ARTIFACTS.mkdir(exist_ok=True)
     driver.execute_script("document.getElementById('base-out').scrollIntoView({block: 'center'})")
     driver.save_screenshot(str(ARTIFACTS / "glassbox.png"))

@@ -72,13 +72,15 @@ def _bounded(body):  # noqa: ANN001, ANN202
     if isinstance(body, dict):
         if "messages" in body:
             body.setdefault("max_tokens", 8)
-        elif "prompt" in body:
+        elif "prompt" in body and "text" not in body:  # POST /read has a prompt but generates nothing
             body.setdefault("max_length", 8)
         for key in ("max_length", "max_tokens", "max_completion_tokens"):
             if isinstance(body.get(key), int) and not isinstance(body.get(key), bool) and body[key] > 8:
                 body[key] = 8
         if isinstance(body.get("prompt"), str):
             body["prompt"] = body["prompt"][:200] or "x"
+        if isinstance(body.get("text"), str):
+            body["text"] = body["text"][:2000] or "x"
         if isinstance(body.get("messages"), list):
             body["messages"] = body["messages"][:4]
         for side in ("positive", "negative"):
@@ -108,11 +110,13 @@ ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) |
                         | st.text(max_size=20), lambda c: st.lists(c, max_size=4)
                         | st.dictionaries(st.text(max_size=12), c, max_size=4), max_leaves=12)
 FIELDS = st.sampled_from(["prompt", "steering", "max_length", "temperature", "strength", "messages", "name",
-                          "positive", "negative", "top_p", "seed", "stream", "layers", "vector", "chat"])
+                          "positive", "negative", "top_p", "seed", "stream", "layers", "vector", "chat", "read",
+                          "text"])
 NEAR_MISS = st.dictionaries(FIELDS, ANY_JSON, max_size=6)
 
 
-JSON_OPS = [("/generate", "post"), ("/compare", "post"), ("/vectors", "post"), ("/v1/chat/completions", "post")]
+JSON_OPS = [("/generate", "post"), ("/compare", "post"), ("/vectors", "post"), ("/v1/chat/completions", "post"),
+            ("/read", "post")]
 
 
 def test_every_json_operation_is_fuzzed(api):

@@ -95,3 +95,36 @@ def test_doctor_names_planted_swapped_pairs(real_lm):
     assert [o.pair for o in bad.outliers] == [7, 19]
     assert bad.advice[0].startswith("drop or rewrite pairs 7 and 19 (lines 34, 82)")
     assert bad.score < clean.score - 10
+
+
+CAT_PROMPTS = ["What should I feed my new kitten?", "Why does my cat knead the blanket?",
+               "How do I stop my cat scratching the sofa?", "Is it normal for a tabby to sleep all day?",
+               "What toys do cats like best?", "My cat keeps meowing at night. Why?",
+               "How often should I clean the litter box?", "Can cats eat tuna?"]
+OTHER_PROMPTS = ["How do I change a flat bicycle tyre?", "What is a good stretching routine for runners?",
+                 "Explain how a credit card works.", "Suggest a name for a fantasy novel.",
+                 "How do solar panels make electricity?", "What is the capital of Australia?",
+                 "Give me a recipe for banana bread.", "How can I improve my handwriting?"]
+
+
+def test_conditional_steering_fires_on_matching_prompts(real_lm, real_vectors):
+    """Steer with weeknd only when the prompt reads as tabby_cats (mean >= 1). Measured: 7/8 vs 1/8."""
+    from steerlab.conditional import Condition, Conditional, conditional_rows
+    from steerlab.hooks import Steer
+
+    entry = Conditional(Steer(real_vectors["weeknd"]), Condition(real_vectors["tabby_cats"], 1.0, "mean"))
+    rows, _ = conditional_rows(real_lm, CAT_PROMPTS + OTHER_PROMPTS, [entry])
+    fired = [bool(r) for r in rows]
+    assert sum(fired[:8]) >= 6 and sum(fired[8:]) <= 2
+
+
+def test_never_firing_condition_leaves_real_output_identical(real_lm, real_vectors):
+    from steerlab import GenerationOptions, generate
+    from steerlab.conditional import Condition, Conditional, conditional_rows
+    from steerlab.hooks import Steer
+
+    prompts = CAT_PROMPTS[:2] + OTHER_PROMPTS[:1]
+    entry = Conditional(Steer(real_vectors["weeknd"], strength=0.6), Condition(real_vectors["tabby_cats"], 100.0))
+    rows, _ = conditional_rows(real_lm, prompts, [entry])
+    opts = GenerationOptions(max_new_tokens=16)
+    assert generate(real_lm, prompts, rows, options=opts) == generate(real_lm, prompts, None, options=opts)

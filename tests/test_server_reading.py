@@ -95,3 +95,13 @@ def test_openai_chat_returns_readings_plain_and_streamed(server):
     reads = [ch["read"] for ch in chunks if "read" in ch]
     assert len(reads) == 1 and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     check_row(reads[0], text, ["weeknd"])
+
+
+def test_lens_endpoint(server):
+    r = server.client.get("/vectors/weeknd/lens", params={"k": 3})
+    assert r.status_code == 200, r.text
+    rows = r.json()["layers"]
+    assert [x["layer"] for x in rows] == [2, server.lm.n_layers - 1]  # active layer + the deepest
+    assert all(len(x["promoted"]) == 3 and len(x["suppressed"]) == 3 for x in rows)
+    assert server.client.get("/vectors/nope/lens").status_code == 404
+    assert server.client.get("/vectors/weeknd/lens", params={"k": 0}).status_code == 422

@@ -205,7 +205,8 @@ def _advice(best: LayerHealth, grade_layers: Sequence[int], outliers: list[Outli
         lines = [str(o.line) for o in outliers if o.line]
         out.append(f"drop or rewrite pair{'s' if len(outliers) > 1 else ''} {which}"
                    + (f" (line{'s' if len(lines) > 1 else ''} {', '.join(lines)})" if lines else "")
-                   + ": their difference points against the others")
+                   + (": their differences point" if len(outliers) > 1 else ": its difference points")
+                   + " against the others")
     out += confounds
     if best.layer not in grade_layers and best.auc - mean_auc >= 0.03:
         out.append(f"the concept separates best at layer {best.layer} (AUC {best.auc:.2f}) vs {mean_auc:.2f} at the "

@@ -58,12 +58,6 @@ def _lens_lines(rows) -> list[str]:  # noqa: ANN001
     return out
 
 
-def lens_layers(vec, layers=None) -> list[int]:  # noqa: ANN001
-    """The layers read (or the active ones) and the vector's deepest layer, where the lens is clearest."""
-    use = [x for x in (layers or vec.active_layers) if x in vec.directions] or vec.active_layers
-    return sorted({*use, max(vec.layers)})
-
-
 def _layers(spec: str | None, lm):  # noqa: ANN001, ANN202
     from .layers import parse_layers
 
@@ -99,7 +93,7 @@ def inspect_cmd(text, names, layer_spec, as_json, lens, top, profile, plot_path,
       steerlab inspect "I adopted a striped kitten last week" --vector tabby_cats
       steerlab inspect --vector weeknd --profile --plot weeknd_layers.png
     """
-    from .lens import logit_lens
+    from .lens import lens_layers, logit_lens
     from .reading import Reader
 
     lm = load_lm(model_id, device, dtype)
@@ -273,7 +267,7 @@ def similar_cmd(names, layer_spec, plot_path, no_plot, as_json, vectors_dir) -> 
         return
     pairs = sim.pairs()
     idx = {n: i for i, n in enumerate(sim.names)}
-    width = max(12, *(len(a) + len(b) + 3 for a, b in pairs))
+    width = max(12, *(len(a) + len(b) + 3 for a, b in pairs)) + 2
     click.echo("layer  " + "".join(f"{a + ' / ' + b:>{width}}" for a, b in pairs))
     for x in sim.layers:
         m = sim.per_layer[x]
@@ -291,7 +285,7 @@ def print_details(vecs, *, top: int = 6) -> None:  # noqa: ANN001
     """``steerlab list --details``: the logit lens of each vector at its active layers."""
     import os
 
-    from .lens import logit_lens
+    from .lens import lens_layers, logit_lens
 
     if not vecs:
         return

@@ -36,6 +36,12 @@ class LensRow:
                 "suppressed": [[t, round(v, 3)] for t, v in self.suppressed]}
 
 
+def lens_layers(vec: SteeringVector, layers: Sequence[int] | None = None) -> list[int]:
+    """The layers read (default: the active ones) plus the vector's deepest layer, where the lens is clearest."""
+    use = [x for x in (layers or vec.active_layers) if x in vec.directions] or vec.active_layers
+    return sorted({*use, max(vec.layers)})
+
+
 def final_norm(model: nn.Module) -> nn.Module | None:
     """The model's final norm before the unembedding (None if it has none we know of)."""
     for path in _NORM_PATHS:

@@ -1,5 +1,5 @@
 """Token readings over HTTP: the ``read`` field of /generate, /compare and /v1/chat/completions,
-and ``POST /read`` (monitor any text without generating).
+``POST /read`` (monitor any text without generating) and ``GET /vectors/{name}/lens``.
 
 Readings come from :class:`steerlab.reading.Reader`: one forward pass of the *unsteered* model over
 prompt + reply per row, run on the runner's worker (:meth:`Runner.call`) so it never overlaps a
@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..reading import Reader, TextReading
@@ -108,3 +108,18 @@ async def read(req: ReadRequest, request: Request) -> dict[str, Any]:
     rows = await read_rows(request.app.state, req.read or [], [req.text],
                            prompts=None if req.prompt is None else [req.prompt])
     return {"text": req.text, "read": rows[0]}
+
+
+@router.get("/vectors/{name}/lens", summary="Tokens a vector's direction promotes and suppresses (logit lens)")
+async def lens(name: str, request: Request, k: int = Query(8, ge=1, le=50)) -> dict[str, Any]:
+    """At the vector's active layers and its deepest layer (where the lens reads clearest)."""
+    from ..lens import lens_layers, logit_lens
+
+    state = request.app.state
+    check_read([name], state.store)
+    vec = state.store.vectors[name]
+    try:
+        rows = await asyncio.wrap_future(state.runner.call(lambda: logit_lens(state.lm, vec, layers=lens_layers(vec), k=k)))
+    except Exception as exc:
+        raise bridge.http_error(exc) from None
+    return {"name": name, "layers": [r.to_dict() for r in rows]}

@@ -1,0 +1,60 @@
+"""Cost of token readings next to the generation they read (issue 13: at most 5 % of generation time).
+
+Runs `compare` (base + steered, one batch) on the embedded model and then reads both replies with a
+ready Reader (what the server does when a request has "read"); also times the one-off neutral
+baseline (made once per set of vectors and kept). Paired, interleaved repeats; prints medians.
+
+    PYTHONPATH=src python bench/reading_cost.py [--repeats 7] [--tokens 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from steerlab import GenerationOptions, compare, load_model
+    from steerlab.personas import build_persona, get_persona
+    from steerlab.reading import Reader
+
+    lm = load_model(device="cpu")
+    vec = build_persona(lm, get_persona("tabby_cats"), layers=[6, 8, 10, 12, 14], progress=False)
+    t = time.perf_counter()
+    reader = Reader(lm, [vec])
+    baseline_s = time.perf_counter() - t
+    opts = GenerationOptions(max_new_tokens=args.tokens, repetition_penalty=1.2)
+    prompts = ["Describe a typical morning routine.", "Give me three tips for saving money.",
+               "Explain how to cook a simple tomato pasta sauce."]
+    compare(lm, prompts[0], [vec], options=GenerationOptions(max_new_tokens=4))  # warm-up
+    gen, read, ratios = [], [], []
+    for i in range(args.repeats):
+        prompt = prompts[i % len(prompts)]
+        t = time.perf_counter()
+        base, steered = compare(lm, prompt, [vec], options=opts)
+        g = time.perf_counter() - t
+        t = time.perf_counter()
+        reader.read_replies([prompt, prompt], [base, steered])
+        r = time.perf_counter() - t
+        gen.append(g)
+        read.append(r)
+        ratios.append(r / g)
+    print(f"model {lm.model_id}, CPU threads {args.threads}, {args.tokens} new tokens, {args.repeats} repeats")
+    print(f"neutral baseline (once per vector set): {baseline_s:.3f} s")
+    print(f"compare (2 rows): median {statistics.median(gen):.3f} s; reading both replies: median "
+          f"{statistics.median(read):.3f} s; median ratio {100 * statistics.median(ratios):.2f} % "
+          f"(min {100 * min(ratios):.2f} %, max {100 * max(ratios):.2f} %)")
+
+
+if __name__ == "__main__":
+    main()
