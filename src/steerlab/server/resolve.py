@@ -21,6 +21,7 @@ from ..layers import check_layers
 from ..personas import builtin_names
 from ..store import VectorStore
 from ..vectors import SteeringVector
+from .limits import MAX_PROMPT_TOKENS, MIN_SAMPLING_TEMPERATURE
 from .schemas import SteerEntry
 
 
@@ -33,6 +34,9 @@ class ServerSettings:
     max_batch_rows: int = 16  # rows (prompts) in one batched generation
     batch_wait_s: float = 0.01  # how long the worker waits for more jobs to batch with
     request_timeout_s: float = 120.0  # per request, queueing included
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS  # a request's rendered prompt; the model's context bounds it too
+    max_batch_tokens: int = 8192  # padded prompt tokens (rows x longest prompt) in one batch
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback that mutating requests may use
     build_batch_size: int = 4  # contrast texts per forward pass when building (progress granularity)
     api_key: str | None = field(default=None, repr=False)  # STEERLAB_API_KEY: required on mutating endpoints
     api_key_all: bool = False  # STEERLAB_API_KEY_ALL=1: the key is required everywhere but / and /health
@@ -112,7 +116,8 @@ def options(req: Any, steers: list[Steer], *, lm, max_new_tokens: int, chat: boo
         positions = steers[0].vector.extra.get("positions", "all") if steers else "all"
     return GenerationOptions(
         max_new_tokens=max_new_tokens,
-        temperature=req.temperature,
+        # (0, MIN_SAMPLING_TEMPERATURE): greedy, the limit of sampling as T -> 0 (logits / 1e-37 overflow to NaN)
+        temperature=req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0,
         top_p=req.top_p,
         seed=req.seed,
         chat=lm.has_chat_template if chat is None else chat,

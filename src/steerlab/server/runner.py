@@ -8,8 +8,15 @@ Owns dynamic batching, per-job token limits, cancellation, time limits and exclu
   ``max_new_tokens`` and each job finishes (and is answered) as soon as its own rows are done.
   The worker waits at most ``batch_wait_s`` for company, so a lone request is not held back.
 * Sampled jobs with a ``seed`` run alone, so the same seed gives the same text.
-* A job's ``cancel`` event (client gone) or its deadline ends it at the next token; a batch
-  stops as soon as none of its jobs is still wanted.
+* Which job runs next is not plain arrival order: each waiting job is ranked by its arrival
+  time plus ``cost_s_per_token`` times its cost (prompt + new tokens, every row), so short
+  requests overtake long ones that arrived shortly before, and a long one still runs once it
+  has waited its cost. A batch holds at most ``max_batch_tokens`` padded prompt tokens, so one
+  long prompt cannot make every row of a batch long.
+* A job's ``cancel`` event (client gone) or its deadline ends it at the next token (every
+  decode step checks); a batch stops as soon as none of its jobs is still wanted.
+* One job's failure is its own: when a batch of several jobs fails before any token, each job
+  is retried alone, so a bad row answers only its own request.
 * :meth:`Runner.call` runs any function (a vector build) on the worker, so it never overlaps a
   generation. Steering hooks live only inside one batch's ``generate`` (context-managed).
 
@@ -118,18 +125,36 @@ class GenJob:
     options: GenerationOptions
     emit: Callable[[Event], None]
     timeout_s: float = 120.0
+    prompt_tokens: int = 0  # the longest row's prompt in tokens, counted by the app (0: unknown)
     cancel: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
     finished: bool = False  # set once Done/Failed was emitted (worker thread only)
+    outcome: str | None = None  # "done", "cancelled", "timed_out" or "failed", once finished
 
     @property
     def deadline(self) -> float:
         return self.created + self.timeout_s
 
+    @property
+    def cost(self) -> int:
+        """Tokens this job makes the model process: prompt and new tokens, every row."""
+        return len(self.prompts) * (self.prompt_tokens + self.options.max_new_tokens)
+
     def end(self, event: Event) -> None:
         if not self.finished:
             self.finished = True
+            self.outcome = _outcome(event)
             self.emit(event)
+
+
+def _outcome(event: Event) -> str:
+    if isinstance(event, Done):
+        return "done"
+    if isinstance(event, Failed) and isinstance(event.error, JobCancelled):
+        return "cancelled"
+    if isinstance(event, Failed) and isinstance(event.error, JobTimeout):
+        return "timed_out"
+    return "failed"
 
 
 @dataclass(eq=False)
@@ -241,12 +266,14 @@ class _BatchStreamer(BaseStreamer):
 class Runner:
     """The worker thread that owns ``lm``. ``start()`` it, ``submit()`` jobs, ``close()`` it."""
 
-    def __init__(self, lm, *, max_queue: int = 32, max_batch_rows: int = 16,
-                 batch_wait_s: float = 0.01) -> None:  # noqa: ANN001
+    def __init__(self, lm, *, max_queue: int = 32, max_batch_rows: int = 16, batch_wait_s: float = 0.01,
+                 max_batch_tokens: int = 8192, cost_s_per_token: float = 0.01) -> None:  # noqa: ANN001
         self.lm = lm
         self.max_queue = max_queue
         self.max_batch_rows = max_batch_rows
         self.batch_wait_s = batch_wait_s
+        self.max_batch_tokens = max_batch_tokens
+        self.cost_s_per_token = cost_s_per_token
         self._eos = set(_eos_ids(lm.tokenizer))
         self._pending: collections.deque[GenJob | _Call] = collections.deque()
         self._cv = threading.Condition()
@@ -264,8 +291,12 @@ class Runner:
             self._thread = threading.Thread(target=self._loop, name="steerlab-runner", daemon=True)
             self._thread.start()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Refuse new work, fail what is queued, stop the running batch, join the worker."""
+    def shutdown(self) -> None:
+        """Refuse new work, fail what is queued and stop the running batch (its jobs get 503); never blocks.
+
+        Safe from a signal handler: ``steerlab serve`` calls it on SIGTERM/SIGINT, before uvicorn
+        waits for open requests, so they end with the documented 503 instead of being cut off.
+        """
         with self._cv:
             self._closed = True
             dropped = list(self._pending)
@@ -275,6 +306,10 @@ class Runner:
             self._cv.notify_all()
         for item in dropped:
             self._fail(item, Busy("the server is shutting down"))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """:meth:`shutdown`, then join the worker."""
+        self.shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -310,14 +345,28 @@ class Runner:
         return {"engine": "transformers", "device": str(self.lm.device), "dtype": str(self.lm.dtype).replace("torch.", "")}
 
     def stats(self) -> dict[str, Any]:
-        """Counters for /health and tests: queue depth, batches, jobs, cancellations."""
+        """Counters for /health and tests: queue depth, batches, jobs, and how jobs ended."""
         with self._cv:
             pending = len(self._pending)
         return {"pending": pending, "max_queue": self.max_queue, "busy": self._busy,
-                "max_batch_rows": self.max_batch_rows, **dict(self._counts),
+                "max_batch_rows": self.max_batch_rows, "max_batch_tokens": self.max_batch_tokens,
+                "cancelled": 0, "timed_out": 0, **dict(self._counts),
                 "recent_batches": [{"jobs": j, "rows": r} for j, r in self._batch_sizes]}
 
     # ---- the worker ---------------------------------------------------------------------
+    def _rank_job(self, job: GenJob) -> float:
+        return job.created + self.cost_s_per_token * job.cost
+
+    def _pop_next(self) -> GenJob | _Call:
+        """The waiting item to run next (call with the lock held and the queue non-empty)."""
+        first = self._pending[0]
+        if isinstance(first, _Call):  # calls keep their place: they run between batches, in order
+            return self._pending.popleft()
+        jobs = [x for x in self._pending if isinstance(x, GenJob)]
+        best = min(jobs, key=self._rank_job)
+        self._pending.remove(best)
+        return best
+
     def _loop(self) -> None:
         while True:
             with self._cv:
@@ -325,7 +374,7 @@ class Runner:
                     self._cv.wait()
                 if self._closed:
                     return
-                first = self._pending.popleft()
+                first = self._pop_next()
                 self._busy = True
             try:
                 if isinstance(first, _Call):
@@ -339,14 +388,24 @@ class Runner:
 
     def _usable(self, job: GenJob) -> bool:
         if job.cancel.is_set():
-            self._counts["cancelled"] += 1
             job.end(Failed(JobCancelled("cancelled by the client")))
+            self._count(job)
             return False
         if time.monotonic() > job.deadline:
-            self._counts["timed_out"] += 1
             job.end(Failed(JobTimeout(f"the request waited past its {job.timeout_s:g} s limit; try again")))
+            self._count(job)
             return False
         return True
+
+    def _count(self, job: GenJob) -> None:
+        if job.outcome in ("cancelled", "timed_out"):
+            self._counts[job.outcome] += 1
+
+    def _fits(self, batch: list[GenJob], rows: int, job: GenJob) -> bool:
+        """Whether ``job`` may join: rows, and padded prompt tokens (rows x the longest prompt)."""
+        n = rows + len(job.prompts)
+        longest = max(job.prompt_tokens, *(j.prompt_tokens for j in batch))
+        return n <= self.max_batch_rows and n * longest <= self.max_batch_tokens
 
     def _gather(self, first: GenJob) -> list[GenJob]:
         """``first`` plus compatible jobs that are waiting or arrive within ``batch_wait_s``."""
@@ -357,9 +416,8 @@ class Runner:
         until = time.monotonic() + self.batch_wait_s
         with self._cv:
             while True:
-                for item in list(self._pending):
-                    if (isinstance(item, GenJob) and batch_key(item.options) == key
-                            and rows + len(item.prompts) <= self.max_batch_rows):
+                for item in sorted((x for x in self._pending if isinstance(x, GenJob)), key=self._rank_job):
+                    if batch_key(item.options) == key and self._fits(batch, rows, item):
                         self._pending.remove(item)
                         if self._usable(item):
                             batch.append(item)
@@ -383,25 +441,42 @@ class Runner:
             if self._closed:
                 stop.set()
         started = time.monotonic()
-        mask = encode_prompts(self.lm, prompts, opts.chat)["attention_mask"]
-        streamer = _BatchStreamer(self.lm.tokenizer, slots, self._eos, stop, mask.sum(dim=1).tolist(),
-                                  started, len(batch))
-        self._batch_sizes.append((len(batch), len(slots)))
-        self._counts["batches"] += 1
-        self._counts["jobs"] += len(batch)
+        streamer = None
         error: BaseException | None = None
         try:
+            mask = encode_prompts(self.lm, prompts, opts.chat)["attention_mask"]
+            streamer = _BatchStreamer(self.lm.tokenizer, slots, self._eos, stop, mask.sum(dim=1).tolist(),
+                                      started, len(batch))
+            self._batch_sizes.append((len(batch), len(slots)))
+            self._counts["batches"] += 1
+            self._counts["jobs"] += len(batch)
             generate(self.lm, prompts, steering, options=opts, streamer=streamer, cancel=stop)
-        except Exception as exc:  # reported to every job of the batch
-            log.exception("runner: generation failed")
+        except Exception as exc:  # reported to the jobs of the batch (alone, see below)
             error = exc
         finally:
             with self._cv:
                 self._stop_current = None
-        streamer.close(error)
+                closed = self._closed
+        if error is not None and len(batch) > 1 and not _is_oom(error):
+            untouched = [j for j in batch if not j.finished and (streamer is None or j not in streamer.first_token)]
+            if len(untouched) == len(batch):  # failed before any token: find the job it belongs to
+                log.warning("runner: a batch of %d jobs failed (%s); retrying each alone", len(batch),
+                            type(error).__name__)
+                for job in batch:
+                    if self._usable(job):
+                        self._run_batch([job])
+                return
+        if error is not None:
+            log.error("runner: generation failed: %s: %s", type(error).__name__, _short(error))
+        if closed and error is None:  # stopped by shutdown(): the text is cut short, not finished
+            error = Busy("the server is shutting down; retry against the restarted server", retry_after=5)
+        if streamer is None:
+            for job in batch:
+                job.end(Failed(error))
+        else:
+            streamer.close(error)
         for job in batch:
-            if job.cancel.is_set():
-                self._counts["cancelled"] += 1
+            self._count(job)
         self._batch_secs.append(time.monotonic() - started)
 
     def _run_call(self, item: _Call) -> None:
@@ -418,3 +493,18 @@ class Runner:
             item.end(Failed(error))
         elif item.future.set_running_or_notify_cancel():
             item.future.set_exception(error)
+
+
+def _is_oom(error: BaseException) -> bool:
+    """Out of memory, on an accelerator or the CPU (torch's CPU allocator raises a RuntimeError)."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc"))
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    text = str(error).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
