@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -31,7 +32,7 @@ from .builds import Builds, BuildWorker
 from .guard import Guard, error_body
 from .limits import MAX_ERROR_ITEMS, MAX_NEW_TOKENS
 from .openapi import GENERATION, errors, json_or_sse
-from .resolve import ServerSettings, describe, label, options, plot_path, resolve_steering, unknown_vector
+from .resolve import ServerSettings, plain_file, describe, label, options, plot_path, resolve_steering, unknown_vector
 from .runner import Busy, Done, GenJob, Runner
 from .schemas import BuildRequest, CompareRequest, GenerateRequest
 
@@ -57,6 +58,9 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
     (then ``lm`` is the transformers side that builds vectors).
     """
     settings = settings or ServerSettings()
+    if settings.strength is not None and not math.isfinite(settings.strength):
+        raise SteeringError(f"STRENGTH {settings.strength} is not a finite number: unset it or give one in "
+                            "-20..20")
     if runner is None:
         runner = Runner(lm, max_queue=settings.max_queue, max_batch_rows=settings.max_batch_rows,
                         batch_wait_s=settings.batch_wait_s, max_batch_tokens=settings.max_batch_tokens)
@@ -205,8 +209,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
              responses={200: {"content": {"image/png": {}}, "description": "PNG"}, **errors(404)})
     def get_plot(name: str) -> FileResponse:
         path = plot_path(store.folder, _named(name))
-        # a planted symlink must not serve a file from outside the folder
-        if path.is_symlink() or not path.is_file():
+        if not plain_file(path):
             raise HTTPException(404, f"no sweep plot for {name!r}: run `steerlab sweep {name}` to make one")
         return FileResponse(path, media_type="image/png")
 

@@ -21,6 +21,16 @@ def _open(model_id: str | None, device: str, dtype: str, vectors_dir: Path | Non
     return lm, open_store(lm, vectors_dir)
 
 
+def _finite(value: float | None, param: click.Parameter) -> float | None:
+    """FloatRange lets NaN through (every comparison with NaN is false)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number: give a strength between {-STRENGTH_LIMIT:g} and "
+                                 f"{STRENGTH_LIMIT:g} (or leave STRENGTH unset)", param=param)
+    return value
+
+
 def _key_values(pairs: tuple[str, ...]) -> dict:
     """``KEY=VALUE`` options as a dict, VALUE as JSON when it parses (true, 0.5, [1,2]) else text."""
     import json
@@ -104,7 +114,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--port", envvar="PORT", default=5050, show_default=True, type=click.IntRange(0, 65535),
               help="Port (0: any free port). Env: PORT.")
 @click.option("--strength", envvar="STRENGTH", default=None,
-              type=click.FloatRange(-STRENGTH_LIMIT, STRENGTH_LIMIT),
+              type=click.FloatRange(-STRENGTH_LIMIT, STRENGTH_LIMIT), callback=lambda c, p, v: _finite(v, p),
               help="Replace every vector's default strength (residual-norm units; a request's own strength "
                    "still wins). Env: STRENGTH.")
 @click.option("--no-build", is_flag=True, help="Do not build missing built-in persona vectors at start.")

@@ -51,6 +51,11 @@ def plot_path(folder: Path, name: str) -> Path:
     return folder / f"{name}.sweep.png"
 
 
+def plain_file(path: Path) -> bool:
+    """A file in the folder itself: a planted symlink must not expose a file from elsewhere."""
+    return path.is_file() and not path.is_symlink()
+
+
 def describe(name: str, vec: SteeringVector, *, settings: ServerSettings, folder: Path) -> dict[str, Any]:
     """A vector's metadata for GET /vectors (tensors left out)."""
     return {
@@ -67,7 +72,7 @@ def describe(name: str, vec: SteeringVector, *, settings: ServerSettings, folder
         "keywords": list(vec.keywords),
         "created_at": vec.created_at,
         "builtin": name in builtin_names(),
-        "plot": f"/vectors/{name}/plot" if plot_path(folder, name).is_file() else None,
+        "plot": f"/vectors/{name}/plot" if plain_file(plot_path(folder, name)) else None,
     }
 
 
