@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from ..options import load_lm, model_options, open_store, vectors_option
-from .limits import STRENGTH_LIMIT
+from .limits import MAX_PROMPT_TOKENS, STRENGTH_LIMIT
 
 
 def _open(model_id: str | None, device: str, dtype: str, vectors_dir: Path | None, lm=None):  # noqa: ANN001, ANN202
@@ -123,7 +123,18 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, 256),
               help="Rows (prompts) generated together in one batch.")
 @click.option("--timeout", "timeout_s", default=120.0, show_default=True, type=click.FloatRange(1, 3600),
-              help="Per-request time limit in seconds, waiting included (504 past it).")
+              help="Per-request time limit in seconds, waiting included (504 past it; checked at every decode step).")
+@click.option("--max-prompt-tokens", default=MAX_PROMPT_TOKENS, show_default=True, type=click.IntRange(16, 1_000_000),
+              help="Longest prompt in tokens (after the chat template); the model's context bounds prompt + "
+                   "new tokens too. Longer prompts get 400.")
+@click.option("--limit-concurrency", default=256, show_default=True, type=click.IntRange(1, 100_000),
+              help="Connections/requests in progress before uvicorn answers 503; silent new connections are "
+                   "closed after 10 s and connections past 4x this (or the open-file limit) at once.")
+@click.option("--timeout-keep-alive", default=5.0, show_default=True, type=click.FloatRange(0.1, 600),
+              help="Seconds an idle keep-alive connection stays open.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A Host name besides localhost/127.0.0.1/[::1] that may build or cancel builds on a loopback "
+                   "bind (e.g. behind a proxy); repeatable. Other names get 403 (DNS rebinding).")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
               help="CPU threads for torch (default: torch's choice; 1 helps on a machine shared with other jobs).")
 @click.option("--api-key-all", is_flag=True, envvar="STEERLAB_API_KEY_ALL",
@@ -152,17 +163,17 @@ def _is_loopback(host: str) -> bool:
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @vectors_option
 @model_options
-def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threads, api_key_all, engine, tp, pp,
-          gpu_mem, max_model_len, kv_cache_gib, vllm_args, log_level, model_id, device, dtype, vectors_dir) -> None:  # noqa: ANN001
+def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, max_prompt_tokens, limit_concurrency,
+          timeout_keep_alive, allowed_hosts, threads, api_key_all, engine, tp, pp, gpu_mem, max_model_len, kv_cache_gib,
+          vllm_args, log_level, model_id, device, dtype, vectors_dir) -> None:  # noqa: ANN001
     """Run the web studio and HTTP API (OpenAPI docs at /docs).
 
     Loads the model, builds any missing built-in persona vector (a few seconds each on CPU),
     then serves http://HOST:PORT (default http://127.0.0.1:5050).
     """
-    import uvicorn
-
     from .app import create_app
     from .resolve import ServerSettings
+    from .serving import make_server
 
     import os
 
@@ -199,11 +210,13 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
         click.echo("API key required " + ("on every endpoint but / and /health" if api_key_all
                                           else "for building vectors (STEERLAB_API_KEY_ALL=1: everywhere)"))
     settings = ServerSettings(strength=strength, max_queue=max_queue, max_batch_rows=max_batch,
-                              request_timeout_s=timeout_s, api_key=api_key, api_key_all=api_key_all, public=public)
+                              request_timeout_s=timeout_s, max_prompt_tokens=max_prompt_tokens, api_key=api_key,
+                              api_key_all=api_key_all, public=public, allowed_hosts=tuple(allowed_hosts))
     app = create_app(lm, store, settings, runner=runner)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"steerlab studio: http://{shown}:{port}  (API docs: /docs; stop with Ctrl-C)")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    make_server(app, host=host, port=port, log_level=log_level, limit_concurrency=limit_concurrency,
+                timeout_keep_alive=timeout_keep_alive).run()
 
 
 @click.command()
