@@ -171,3 +171,41 @@ def test_answered_requests_are_not_counted_as_cancelled(server):
     assert after["cancelled"] == before["cancelled"] and after["jobs"] == before.get("jobs", 0) + 3
     health = server.client.get("/health").json()["runner"]
     assert health["cancelled"] == after["cancelled"]
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_a_running_long_batch_yields_to_a_short_job_and_resumes_exactly(slow_lm, positions):
+    from helpers import random_vector
+
+    from steerlab import Steer
+
+    vec = random_vector(slow_lm, [1, 2], strength=3.0)
+    runner = Runner(slow_lm, max_queue=8, batch_wait_s=0.0, slice_s=0.2)
+    runner.start()
+    try:
+        def long_job():  # noqa: ANN202
+            events: queue.Queue = queue.Queue()
+            opts = GenerationOptions(max_new_tokens=60, chat=False, positions=positions)
+            return GenJob(prompts=["the cat sat", "toronto has"], steering=[[Steer(vec)], []], options=opts,
+                          emit=lambda ev: events.put((time.monotonic(), ev)), prompt_tokens=4), events
+
+        job, events = long_job()
+        runner.submit(job)
+        _, alone, _ = _end(events)  # the reference: the same batch with nobody waiting
+        assert runner.stats().get("yielded", 0) == 0 and alone.rows[0].tokens == 60
+        job, events = long_job()
+        runner.submit(job)
+        time.sleep(0.6)  # ~20 steps in: a short job arrives (another batch key: it cannot join)
+        short, short_events = _job("money saved", 2, penalty=1.3)
+        sent = time.monotonic()
+        runner.submit(short)
+        short_end, short_result, _ = _end(short_events)
+        long_end, resumed, _ = _end(events)
+        assert isinstance(short_result, Done) and short_end < long_end
+        # it waited at most about one slice, not the ~40 steps the long batch had left
+        assert short_end - sent < 0.2 + 8 * STEP_S, short_end - sent
+        assert runner.stats()["yielded"] >= 1 and runner.stats()["resumed"] >= 1
+        assert [r.text for r in resumed.rows] == [r.text for r in alone.rows]  # same tokens as in one go
+        assert [r.tokens for r in resumed.rows] == [r.tokens for r in alone.rows]
+    finally:
+        runner.close()

@@ -161,7 +161,7 @@ def test_generation_oom_is_a_clear_503(tiny_model, tmp_path, monkeypatch):
     def boom(*a, **k):  # noqa: ANN002, ANN003, ANN202
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(runner_mod, "generate", boom)
+    monkeypatch.setattr(runner_mod.slices, "run", boom)
     store = VectorStore(tmp_path / "v", tiny_model)
     app = create_app(tiny_model, store, ServerSettings(batch_wait_s=0.01))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
@@ -175,7 +175,7 @@ def test_generation_oom_is_a_clear_503(tiny_model, tmp_path, monkeypatch):
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                                "you tried to allocate 17179869184 bytes. Error code 12 (Cannot allocate memory)")
 
-        monkeypatch.setattr(runner_mod, "generate", cpu_boom)  # torch's CPU allocator: a RuntimeError
+        monkeypatch.setattr(runner_mod.slices, "run", cpu_boom)  # torch's CPU allocator: a RuntimeError
         r = c.post("/generate", json={"prompt": "x", "max_length": 4})
         assert r.status_code == 503 and "Retry-After" in r.headers and "out of memory" in r.json()["error"]
         monkeypatch.undo()

@@ -1,0 +1,81 @@
+"""Generation in slices: a batch can stop after any decode step and resume later from its KV cache.
+
+The runner uses this so a long batch yields the model to short requests that are waiting and
+then continues where it stopped, with the same tokens it would have produced in one go (the
+resumed call recomputes nothing: its first step is the one the stopped call did not take).
+The generation settings mirror :func:`steerlab.generate.generate` (sampling, repetition penalty,
+end-of-text ids, steering per row, CPU matmul choice); this module only adds the cache hand-over.
+Knows nothing about jobs or HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..cpu_matmul import decode_matmuls
+from ..generate import GenerationOptions, _eos_ids, encode_prompts
+from ..hooks import steer
+
+
+@dataclass(frozen=True)
+class SliceState:
+    """A batch between slices: every token so far, its mask, the cache, how many new tokens were made."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    cache: Any | None
+    generated: int
+
+
+class _Stop(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001, ANN204
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def begin(lm, prompts: list[str], opts: GenerationOptions) -> SliceState:  # noqa: ANN001
+    """Encode the batch (left-padded, as generate() does); seed the sampler once, here."""
+    enc = encode_prompts(lm, prompts, opts.chat)
+    if opts.seed is not None:
+        torch.manual_seed(opts.seed)
+    return SliceState(ids=enc["input_ids"], mask=enc["attention_mask"], cache=None, generated=0)
+
+
+@torch.no_grad()
+def run(lm, state: SliceState, steering: list[list], opts: GenerationOptions, *, streamer, stop: threading.Event,
+        max_new_tokens: int) -> SliceState:  # noqa: ANN001
+    """Generate up to ``max_new_tokens`` more (fewer when ``stop`` is set); the state to resume from."""
+    sample = opts.temperature > 0
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sample,
+                                  pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=_eos_ids(lm.tokenizer),
+                                  repetition_penalty=opts.repetition_penalty)
+    if sample:
+        kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if state.cache is not None:  # transformers 5 calls it `cache`; 4.x `past_key_values`
+        kwargs["cache" if _NEW_CACHE_NAME else "past_key_values"] = state.cache
+    with steer(lm, steering, positions=opts.positions, norm_preserve=opts.norm_preserve), decode_matmuls(lm):
+        out = lm.model.generate(input_ids=state.ids, attention_mask=state.mask, streamer=streamer,
+                                stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
+                                return_dict_in_generate=True, use_cache=True, **kwargs)
+    new = out.sequences.shape[1] - state.ids.shape[1]
+    mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], new)], dim=1)
+    cache = getattr(out, "cache", None) if _NEW_CACHE_NAME else out.past_key_values
+    return replace(state, ids=out.sequences, mask=mask, cache=cache, generated=state.generated + new)
+
+
+def _uses_cache_name() -> bool:
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" in {f.name for f in fields(GenerateDecoderOnlyOutput)}
+
+
+_NEW_CACHE_NAME = _uses_cache_name()
