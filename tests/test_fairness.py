@@ -209,3 +209,28 @@ def test_a_running_long_batch_yields_to_a_short_job_and_resumes_exactly(slow_lm,
         assert [r.tokens for r in resumed.rows] == [r.tokens for r in alone.rows]
     finally:
         runner.close()
+
+
+def test_a_long_prompt_yields_between_prefill_chunks_with_the_same_tokens(slow_lm, monkeypatch):
+    from steerlab.server import slices
+
+    monkeypatch.setattr(slices, "PREFILL_CHUNK", 8)  # 8-token chunks: the tiny model's prompts are short
+    runner = Runner(slow_lm, max_queue=8, batch_wait_s=0.0, slice_s=0.1)
+    runner.start()
+    try:
+        prompt = "the cat sat on the mat and purred in the warm sun " * 6  # ~70 tokens: ~9 chunks
+        job, events = _job(prompt, 40, tokens=70)
+        runner.submit(job)
+        _, alone, _ = _end(events)
+        job, events = _job(prompt, 40, tokens=70)
+        runner.submit(job)
+        time.sleep(0.15)  # inside the chunked prefill
+        short, short_events = _job("money saved", 2, penalty=1.3)
+        runner.submit(short)
+        short_end, _, _ = _end(short_events)
+        long_end, resumed, long_first = _end(events)
+        assert short_end < long_first  # answered before the long prompt's first token
+        assert runner.stats()["yielded"] >= 1
+        assert resumed.rows[0].text == alone.rows[0].text
+    finally:
+        runner.close()

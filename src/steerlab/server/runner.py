@@ -390,13 +390,15 @@ class Runner:
     def _rank_job(self, job: GenJob) -> float:
         return job.created + self._step_s * job.cost
 
-    def _rank_batch(self, jobs: list[GenJob], rows: int, left: int) -> float:
+    def _rank_batch(self, jobs: list[GenJob], rows: int, left: float) -> float:
         """A started batch: its oldest open job, plus the time of the steps it still has to make."""
         return min((j.created for j in jobs), default=0.0) + self._step_s * left
 
     def _rank(self, item: GenJob | _Paused) -> float:
         if isinstance(item, _Paused):
             left = max(0, item.options.max_new_tokens - item.state.generated)
+            if not item.state.generated:
+                left += (item.state.ids.shape[1] - item.state.prefilled) / PREFILL_PER_STEP
             return self._rank_batch(item.jobs, len(item.streamer.slots), left)
         return self._rank_job(item)
 
@@ -410,7 +412,7 @@ class Runner:
         return best
 
     def _yield_check(self, batch: list[GenJob], streamer: _BatchStreamer, opts: GenerationOptions,
-                     state_generated: int, slice_started: float) -> Callable[[], bool]:
+                     state_generated: int, slice_started: float, prompt_left: int = 0) -> Callable[[], bool]:
         """For the streamer: whether the running batch should stop now and let a waiting job run."""
         if opts.seed is not None and opts.temperature > 0:
             return lambda: False
@@ -420,7 +422,7 @@ class Runner:
             steps[0] += 1
             if time.monotonic() - slice_started < self.slice_s:
                 return False
-            left = opts.max_new_tokens - state_generated - steps[0]
+            left = opts.max_new_tokens - state_generated - steps[0] + prompt_left / PREFILL_PER_STEP
             mine = self._rank_batch([j for j in batch if not j.finished], len(streamer.slots), left)
             with self._cv:
                 if self._closed or any(isinstance(x, _Paused) for x in self._pending):
@@ -532,7 +534,9 @@ class Runner:
         streamer, state, opts = run.streamer, run.state, run.options
         stop = threading.Event()
         streamer.stop, streamer.prompt_seen, streamer.yielded = stop, False, False
-        streamer.should_yield = self._yield_check(run.batch, streamer, opts, state.generated, time.monotonic())
+        prompt_left = 0 if state.generated else state.ids.shape[1] - state.prefilled
+        streamer.should_yield = self._yield_check(run.batch, streamer, opts, state.generated, time.monotonic(),
+                                                  prompt_left)
         with self._cv:
             self._stop_current = stop
             if self._closed:
@@ -540,8 +544,13 @@ class Runner:
         error: BaseException | None = None
         t0, before = time.monotonic(), state.generated
         try:
-            state = slices.run(self.lm, state, run.steering, opts, streamer=streamer, stop=stop,
-                               max_new_tokens=opts.max_new_tokens - state.generated)
+            if state.generated == 0:  # a long prompt: prefill in chunks, yielding between them if asked
+                state = slices.prefill(self.lm, state, run.steering, opts,
+                                       keep_going=lambda: self._keep_prefilling(streamer, stop))
+                t0 = time.monotonic()
+            if not stop.is_set():
+                state = slices.run(self.lm, state, run.steering, opts, streamer=streamer, stop=stop,
+                                   max_new_tokens=opts.max_new_tokens - state.generated)
         except Exception as exc:  # reported to the jobs of the batch (alone, see below)
             error = exc
         finally:
@@ -570,6 +579,17 @@ class Runner:
         if closed and error is None:  # stopped by shutdown(): the text is cut short, not finished
             error = Busy("the server is shutting down; retry against the restarted server", retry_after=5)
         self._finish_batch(run.batch, streamer, error, run.started)
+
+    @staticmethod
+    def _keep_prefilling(streamer: _BatchStreamer, stop: threading.Event) -> bool:
+        """Between prefill chunks: the same checks a decode step makes (client, deadline, yielding)."""
+        streamer._check_alive(time.monotonic())
+        if all(job.finished for job in streamer.jobs):
+            stop.set()
+        elif not stop.is_set() and streamer.should_yield is not None and streamer.should_yield():
+            streamer.yielded = True
+            stop.set()
+        return not stop.is_set()
 
     def _finish_batch(self, batch: list[GenJob], streamer: _BatchStreamer | None, error: BaseException | None,
                       started: float) -> None:

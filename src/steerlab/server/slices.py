@@ -3,6 +3,10 @@
 The runner uses this so a long batch yields the model to short requests that are waiting and
 then continues where it stopped, with the same tokens it would have produced in one go (the
 resumed call recomputes nothing: its first step is the one the stopped call did not take).
+A long prompt is prefilled in chunks of ``PREFILL_CHUNK`` tokens, so even a maximal prompt can
+yield between chunks (one forward pass over 2,000 tokens takes seconds on a CPU). Steering over
+the chunks follows ``positions``: every position for ``all``; none for ``generated`` (the last
+chunk goes through ``generate``, whose hook steers the position that predicts the first token).
 The generation settings mirror :func:`steerlab.generate.generate` (sampling, repetition penalty,
 end-of-text ids, steering per row, CPU matmul choice); this module only adds the cache hand-over.
 Knows nothing about jobs or HTTP.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +35,7 @@ class SliceState:
     mask: torch.Tensor
     cache: Any | None
     generated: int
+    prefilled: int = 0  # prompt positions already in the cache (chunked prefill)
 
 
 class _Stop(StoppingCriteria):
@@ -46,6 +52,31 @@ def begin(lm, prompts: list[str], opts: GenerationOptions) -> SliceState:  # noq
     if opts.seed is not None:
         torch.manual_seed(opts.seed)
     return SliceState(ids=enc["input_ids"], mask=enc["attention_mask"], cache=None, generated=0)
+
+
+PREFILL_CHUNK = 256  # prompt tokens per prefill forward pass; the last chunk (<= this) goes through generate
+
+
+@torch.no_grad()
+def prefill(lm, state: SliceState, steering: list[list], opts: GenerationOptions, *,
+            keep_going: Callable[[], bool], chunk: int | None = None) -> SliceState:  # noqa: ANN001
+    """Put all but the last ``chunk`` prompt tokens into the cache, a chunk at a time, while ``keep_going()``."""
+    chunk = chunk or PREFILL_CHUNK
+    total = state.ids.shape[1]
+    if state.generated or total - state.prefilled <= chunk:
+        return state
+    positions = (state.mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache, done = state.cache, state.prefilled
+    rows = steering if opts.positions == "all" else [[] for _ in steering]
+    with steer(lm, rows, positions="all", norm_preserve=opts.norm_preserve):
+        while total - done > chunk and keep_going():
+            end = done + chunk
+            kw = {"cache" if _NEW_CACHE_NAME else "past_key_values": cache} if cache is not None else {}
+            out = lm.model(input_ids=state.ids[:, done:end], attention_mask=state.mask[:, :end],
+                           position_ids=positions[:, done:end], use_cache=True, logits_to_keep=1, **kw)
+            cache = getattr(out, "cache", None) if _NEW_CACHE_NAME else out.past_key_values
+            done = end
+    return replace(state, cache=cache, prefilled=done)
 
 
 @torch.no_grad()
