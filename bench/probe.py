@@ -3,8 +3,9 @@
 Against a running ``steerlab serve`` (``--url``) or one started in-process on the embedded model:
 
 1. **Short behind maximal**: a maximal request (a prompt near ``max_prompt_tokens``, 1024 new
-   tokens) starts; 2 s later a short one (16 tokens) is sent. Reports how long the short one
-   took, then abandons the maximal one and reports how long the worker took to notice.
+   tokens, non-streaming) starts; 2 s later a short one (16 tokens) is sent. Reports how long
+   the short one took, then hangs up the maximal one and reports how long the worker took to
+   be free.
 2. **Load with abandoning clients**: ``bench/load_test.py``'s mixed plan (generate/compare,
    streaming or not, different steering) from ``--clients`` clients, while ``--abandon``
    clients keep sending long non-streaming requests and hanging up after 1 s. Reports requests
@@ -20,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import socket
 import sys
 import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -54,35 +57,20 @@ def short_behind_maximal(url: str, *, new_tokens: int = 1024) -> dict:
     with httpx.Client(base_url=url, timeout=600) as c:
         health = c.get("/health").json()
         prompt = maximal_prompt(c, health.get("max_prompt_tokens", 2048))
-        long_body = {"prompt": prompt, "max_length": new_tokens, "chat": False, "temperature": 0}
-        out: dict = {}
-
-        def long_call() -> None:
-            t0 = time.perf_counter()
-            try:
-                with httpx.Client(base_url=url, timeout=httpx.Timeout(600, read=None)) as lc:
-                    stop_at = time.monotonic() + 600
-                    with lc.stream("POST", "/generate", json={**long_body, "stream": True}) as r:
-                        for line in r.iter_lines():
-                            if line.startswith("event: start"):
-                                out["long_started_s"] = time.perf_counter() - t0
-                            if out.get("abandon") or time.monotonic() > stop_at:
-                                break  # hang up
-            except httpx.HTTPError as exc:
-                out["long_error"] = str(exc)
-            out["long_s"] = time.perf_counter() - t0
-
-        thread = threading.Thread(target=long_call)
-        thread.start()
+        long_body = json.dumps({"prompt": prompt, "max_length": new_tokens, "chat": False, "temperature": 0}).encode()
+        u = urlsplit(url)
+        # a raw socket, so the hang-up is immediate (an httpx stream only notices between lines)
+        sock = socket.create_connection((u.hostname, u.port))
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(long_body)).encode() + b"\r\n\r\n" + long_body)
         time.sleep(2.0)
         t0 = time.perf_counter()
         r = c.post("/generate", json={"prompt": "Name a colour.", "max_length": 16, "chat": False, "temperature": 0})
         short_s = time.perf_counter() - t0
         data = r.json()
         runner = c.get("/health").json()["runner"]
-        out["abandon"] = True
+        sock.close()
         hung_up = time.perf_counter()
-        thread.join(600)
         while c.get("/health").json()["runner"]["busy"]:
             time.sleep(0.02)
         return {"maximal_prompt_chars": len(prompt), "maximal_new_tokens": new_tokens, "short_status": r.status_code,

@@ -234,3 +234,32 @@ def test_a_long_prompt_yields_between_prefill_chunks_with_the_same_tokens(slow_l
         assert resumed.rows[0].text == alone.rows[0].text
     finally:
         runner.close()
+
+
+def test_a_short_job_is_not_held_back_by_the_long_job_it_shares_a_batch_with(slow_lm):
+    """The probe's 504s: a short request batched with a long (abandoned) one was paused with it and
+    ranked as the long one, so newer requests kept overtaking it. A batch ranks as its most urgent job."""
+    runner = Runner(slow_lm, max_queue=64, batch_wait_s=0.0, slice_s=0.1)
+    runner.start()
+    try:
+        gate = _hold(runner)
+        short, short_events = _job("the cat sat", 12)
+        long_job, _ = _job("money saved", 200)  # the same batch key: they share a batch
+        runner.submit(short)
+        runner.submit(long_job)
+        gate.set()
+        t0 = time.monotonic()
+        others = []
+        while short_events.empty() or not any(isinstance(e, (Done, Failed)) for _, e in list(short_events.queue)):
+            if time.monotonic() - t0 > 10:
+                break
+            job, ev = _job(f"other {len(others)}", 4, penalty=1.3)  # a stream of short jobs of another key
+            runner.submit(job)
+            others.append(ev)
+            time.sleep(0.05)
+        end, result, _ = _end(short_events)
+        assert isinstance(result, Done) and result.rows[0].tokens == 12
+        assert end - t0 < 2.5, end - t0  # ~12 steps of its own plus a few overtaking jobs, not 200 steps
+        long_job.cancel.set()
+    finally:
+        runner.close()

@@ -390,16 +390,16 @@ class Runner:
     def _rank_job(self, job: GenJob) -> float:
         return job.created + self._step_s * job.cost
 
-    def _rank_batch(self, jobs: list[GenJob], rows: int, left: float) -> float:
-        """A started batch: its oldest open job, plus the time of the steps it still has to make."""
-        return min((j.created for j in jobs), default=0.0) + self._step_s * left
+    def _rank_batch(self, jobs: list[GenJob], generated: int, prompt_left: float) -> float:
+        """A started batch ranks as its most urgent open job: that job's arrival plus the steps *it*
+        still needs (so a short job inside a batch with a long one is not held back by the long one)."""
+        return min((j.created + self._step_s * (max(0, j.options.max_new_tokens - generated)
+                                                 + prompt_left / PREFILL_PER_STEP) for j in jobs), default=0.0)
 
     def _rank(self, item: GenJob | _Paused) -> float:
         if isinstance(item, _Paused):
-            left = max(0, item.options.max_new_tokens - item.state.generated)
-            if not item.state.generated:
-                left += (item.state.ids.shape[1] - item.state.prefilled) / PREFILL_PER_STEP
-            return self._rank_batch(item.jobs, len(item.streamer.slots), left)
+            prompt_left = 0 if item.state.generated else item.state.ids.shape[1] - item.state.prefilled
+            return self._rank_batch(item.jobs, item.state.generated, prompt_left)
         return self._rank_job(item)
 
     def _pop_next(self) -> GenJob | _Call | _Paused:
@@ -422,8 +422,7 @@ class Runner:
             steps[0] += 1
             if time.monotonic() - slice_started < self.slice_s:
                 return False
-            left = opts.max_new_tokens - state_generated - steps[0] + prompt_left / PREFILL_PER_STEP
-            mine = self._rank_batch([j for j in batch if not j.finished], len(streamer.slots), left)
+            mine = self._rank_batch([j for j in batch if not j.finished], state_generated + steps[0], prompt_left)
             with self._cv:
                 if self._closed or any(isinstance(x, _Paused) for x in self._pending):
                     return False
