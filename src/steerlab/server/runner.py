@@ -519,9 +519,7 @@ class Runner:
         self._finish_batch(batch, streamer, error, started)
 
     def _resume(self, paused: _Paused) -> None:
-        for job in paused.jobs:
-            if job.cancel.is_set() or time.monotonic() > job.deadline:
-                paused.streamer._check_alive(time.monotonic())
+        paused.streamer._check_alive(time.monotonic())  # clients that left, deadlines passed while it waited
         if not paused.jobs:
             self._finish_batch(paused.batch, paused.streamer, None, paused.started)
             return
