@@ -149,6 +149,8 @@ def run_load(url: str, *, n: int = 60, clients: int = 6, max_tokens: int = 8, ti
             "streaming": sum(r["stream"] for r in results), "compare": sum(r["path"] == "/compare" for r in results),
             "max_tokens": max_tokens, "wall_s": round(wall, 2), "p50_s": round(pct(50), 3),
             "p95_s": round(pct(95), 3), "mean_s": round(statistics.fmean(lat), 3) if lat else None,
+            "slowest": [{"path": r["path"], "stream": r["stream"], "s": round(r["latency_s"], 2)}
+                        for r in sorted(results, key=lambda r: -r["latency_s"])[:3]],
             "vectors": names}
 
 

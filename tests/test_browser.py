@@ -232,3 +232,30 @@ def test_larger_text_fits_a_1920x1080_projector(driver, real_server):
         driver.save_screenshot(str(ARTIFACTS / "studio-larger-text-1920x1080.png"))
     finally:
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+def test_the_page_sends_the_api_key_from_its_field(driver, tiny_dir, tmp_path):
+    """With STEERLAB_API_KEY_ALL the page is useless without a key: its field (kept in
+    sessionStorage, per tab) makes every call carry it."""
+    from helpers import random_vector
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from steerlab.models import load_model
+    from steerlab.server import ServerSettings, create_app
+    from steerlab.server.background import serve_in_thread
+    from steerlab.store import VectorStore
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    store = VectorStore(tmp_path / "v", lm)
+    store.add(random_vector(lm, range(lm.n_layers), name="kittens"), overwrite=True)
+    app = create_app(lm, store, ServerSettings(api_key="page-key-\u00e9", api_key_all=True))
+    wait = WebDriverWait(driver, 60)
+    with serve_in_thread(app) as url:
+        driver.get(url)
+        wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        assert "API key" in driver.find_element(By.ID, "error").text  # 401, and where to put the key
+        field = driver.find_element(By.ID, "api-key")
+        field.send_keys("page-key-\u00e9", Keys.TAB)  # a non-ASCII key works too
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".persona[data-name=kittens]"))
+        assert driver.execute_script("return sessionStorage.getItem('steerlab.apiKey')") == "page-key-\u00e9"
+        assert driver.execute_script("return localStorage.length") == 0

@@ -161,15 +161,23 @@ def test_generation_oom_is_a_clear_503(tiny_model, tmp_path, monkeypatch):
     def boom(*a, **k):  # noqa: ANN002, ANN003, ANN202
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(runner_mod, "generate", boom)
+    monkeypatch.setattr(runner_mod.slices, "run", boom)
     store = VectorStore(tmp_path / "v", tiny_model)
     app = create_app(tiny_model, store, ServerSettings(batch_wait_s=0.01))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         r = c.post("/generate", json={"prompt": "x", "max_length": 4})
         assert r.status_code == 503 and "Retry-After" in r.headers
         assert "out of memory" in r.json()["error"] and "max_length" in r.json()["error"]
-        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 4})
         assert r.status_code == 503 and "--max-batch" in r.json()["error"]["message"]
+
+        def cpu_boom(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 17179869184 bytes. Error code 12 (Cannot allocate memory)")
+
+        monkeypatch.setattr(runner_mod.slices, "run", cpu_boom)  # torch's CPU allocator: a RuntimeError
+        r = c.post("/generate", json={"prompt": "x", "max_length": 4})
+        assert r.status_code == 503 and "Retry-After" in r.headers and "out of memory" in r.json()["error"]
         monkeypatch.undo()
         assert c.post("/generate", json={"prompt": "x", "max_length": 2}).status_code == 200
 

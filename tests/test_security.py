@@ -144,3 +144,45 @@ def test_library_logging_has_no_prompts(keyed, caplog):
         keyed.client.post("/generate", json={"prompt": "caplog-secret-prompt", "max_length": 2, "temperature": 0})
         keyed.client.post("/compare", json={"prompt": "caplog-secret-prompt", "steering": "nope"})
     assert "caplog-secret-prompt" not in caplog.text
+
+
+def test_mutating_requests_must_name_this_server(tiny_model, tmp_path):
+    """DNS rebinding: a page at evil.example re-resolved to 127.0.0.1 sends its own Host and Origin."""
+    app, store = _serve(tiny_model, tmp_path / "v")
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        port = url.rsplit(":", 1)[1]
+        for headers in ({"Host": f"evil.example:{port}"}, {"Host": "evil.example"},
+                        {"Origin": f"http://evil.example:{port}"}, {"Origin": "null"},
+                        {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}):
+            r = c.post("/vectors", json={"name": "rebound", **BUILD}, headers=headers)
+            assert r.status_code == 403 and "refused" in r.json()["error"], (headers, r.text)
+            assert c.delete("/builds/abc", headers=headers).status_code == 403
+        assert not list(store.folder.glob("rebound*"))
+        # the studio page itself (same origin) and clients without Origin still build
+        for i, headers in enumerate(({}, {"Origin": url},
+                                     {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"})):
+            r = c.post("/vectors", json={"name": f"ok{i}", **BUILD}, headers=headers)
+            assert r.status_code == 202, (headers, r.text)
+        # reads and generation are not mutating: any Host may call them
+        assert c.get("/vectors", headers={"Host": "evil.example"}).status_code == 200
+    app, _ = _serve(tiny_model, tmp_path / "w", allowed_hosts=("studio.lan",))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/vectors", json={"name": "lan", **BUILD}, headers={"Host": "studio.lan:8080"})
+        assert r.status_code == 202, r.text
+
+
+def test_a_non_ascii_key_matches(tiny_model, tmp_path):
+    key = "cl\u00e9-\u79d8\u5bc6"
+    app, _ = _serve(tiny_model, tmp_path / "v", api_key=key, api_key_all=True)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        raw = key.encode("utf-8")
+        assert c.get("/vectors", headers={"X-API-Key": raw}).status_code == 200
+        assert c.get("/vectors", headers={"Authorization": b"Bearer " + raw}).status_code == 200
+        assert c.get("/vectors", headers={"X-API-Key": key.encode("utf-8")[:-1] + b"x"}).status_code == 401
+        assert c.get("/vectors", headers={"X-API-Key": "cl\u00e9".encode("latin-1")}).status_code == 401
+
+
+def test_the_page_has_a_session_api_key_field(keyed):
+    html = keyed.client.get("/").text
+    assert 'id="api-key"' in html and 'type="password"' in html
+    assert "sessionStorage" in html and "localStorage" not in html and "Authorization" in html

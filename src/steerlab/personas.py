@@ -175,6 +175,9 @@ def load_vectors(folder: str | Path, *, model_id: str | None = None, hidden_size
         if path.suffix not in (".safetensors", ".gguf", ".pkl", ".pickle", ".pt", ".pth"):
             continue
         try:
+            if path.is_symlink():  # a planted link could expose (or load) a file from outside the folder
+                raise VectorFileError(f"{path.name} is a symbolic link; vectors must be plain files in the folder "
+                                      "(copy the file in instead)")
             if path.suffix == ".gguf":  # llama.cpp / repeng control vector (a same-named .safetensors wins)
                 from .gguf_io import import_gguf
 

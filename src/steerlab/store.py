@@ -1,13 +1,16 @@
 """A folder of vectors for one model: load, look up, build missing built-ins, save.
 
 Used by the CLI and held in the server's app state (there is no global instance). Bad files
-are skipped with a warning naming the file and the reason, never fatal. Built-in persona
-files are never overwritten unless asked.
+are skipped with a warning naming the file and the reason, never fatal: besides unreadable
+files, a vector whose numbers are not finite or whose layers the model lacks is refused here,
+at load, rather than failing every request batched with it later. Built-in persona files are
+never overwritten unless asked.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +31,16 @@ class VectorStore:
         self.warn = warn or log.warning
         self._lock = threading.Lock()
         self._stamps = _stamps(self.folder)
-        self.vectors: dict[str, SteeringVector] = load_vectors(
+        loaded = load_vectors(
             self.folder, model_id=lm.model_id, hidden_size=lm.hidden_size,
             on_error=lambda p, e: self.warn(f"skipping {p.name}: {e}"),
         )
+        self.vectors: dict[str, SteeringVector] = {}
+        for name, vec in loaded.items():
+            if why := vector_problem(vec, lm.n_layers):
+                self.warn(f"skipping {name}.safetensors: {why}")
+            else:
+                self.vectors[name] = vec
 
     def refresh(self) -> list[str]:
         """Re-read the folder if a vector file changed on disk since it was read (``steerlab sweep``
@@ -96,6 +105,8 @@ class VectorStore:
     def add(self, vec: SteeringVector, *, overwrite: bool = False, name: str | None = None) -> SteeringVector:
         """Save ``vec`` as ``<name>.safetensors`` (atomic) and make it available."""
         name = name or vec.name
+        if why := vector_problem(vec, self.lm.n_layers):
+            raise PersonaError(f"vector {name!r} cannot be used: {why}")
         path = vector_path(self.folder, name)
         with self._lock:
             if not overwrite and (name in self.vectors or path.exists()):
@@ -128,3 +139,18 @@ def _stamps(folder: Path) -> dict[str, tuple[int, int] | None]:
     except OSError:
         return {}
     return {p.name: _stamp(p) for p in entries if p.suffix in _VECTOR_SUFFIXES and not p.name.startswith(".")}
+def vector_problem(vec: SteeringVector, n_layers: int) -> str | None:
+    """Why ``vec`` cannot steer a model of ``n_layers`` layers (None when it can): layers out of
+    range, or directions, norms or default strength that are not finite numbers."""
+    bad = sorted(layer for layer in vec.directions if not 0 <= layer < n_layers)
+    if bad:
+        return f"it has layers {bad}, but the model has layers 0..{n_layers - 1}; rebuild it for this model"
+    for layer, direction in vec.directions.items():
+        if not bool(direction.isfinite().all()):
+            return f"its direction at layer {layer} holds NaN or infinite values; rebuild it"
+    for layer, norm in vec.norms.items():
+        if not math.isfinite(float(norm)):
+            return f"its norm at layer {layer} is {norm}; rebuild it"
+    if not math.isfinite(float(vec.default_strength)):
+        return f"its default strength is {vec.default_strength}; rebuild it or set a finite one"
+    return None

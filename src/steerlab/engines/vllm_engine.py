@@ -60,12 +60,16 @@ def _resolved(row: RowSteering, n_layers: int, hidden_size: int) -> list[Resolve
     """
     out = []
     for item in row:
-        st = as_steer(item)
+        st = item.steer if isinstance(item, Resolved) else as_steer(item)
         _check_vector(st.vector, hidden_size)
-        if st.governor:
+        if isinstance(item, Resolved) and not item.governor:  # resolved by the server already
+            res = item
+        elif st.governor:
             raise SteeringError("the coherence governor needs the transformers engine (it reads every step's "
                                 "logits); send \"governor\": false on the vLLM engine")
-        res = resolve(replace(st, governor=False), n_layers)
+        else:
+            res = resolve(replace(st, governor=False), n_layers,
+                          positions=item.positions if isinstance(item, Resolved) else None)
         if res.operator != "add":
             raise SteeringError(f"operator {res.operator!r} needs each hidden state; vllm-lens only adds a fixed "
                                 "vector: use operator 'add' on the vLLM engine, or the transformers engine")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -27,11 +28,14 @@ from ..errors import SteeringError
 from ..personas import NAME_PATTERN, available_personas
 from ..store import VectorStore
 from . import bridge, security
-from .builds import Builds
-from .limits import MAX_NEW_TOKENS
+from .budget import PromptBudget, context_length
+from .builds import Builds, BuildWorker
+from .guard import Guard, error_body
+from .limits import MAX_ERROR_ITEMS, MAX_NEW_TOKENS
+from .openapi import GENERATION, errors, json_or_sse
 from .reading_api import Readers, check_read, read_rows
 from .reading_api import router as reading_router
-from .resolve import ServerSettings, describe, label, options, plot_path, resolve_steering, unknown_vector
+from .resolve import ServerSettings, plain_file, describe, label, options, plot_path, resolve_steering, unknown_vector
 from .runner import Busy, Done, GenJob, Runner
 from .schemas import BuildRequest, CompareRequest, GenerateRequest
 
@@ -57,9 +61,17 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
     (then ``lm`` is the transformers side that builds vectors).
     """
     settings = settings or ServerSettings()
+    if settings.strength is not None and not math.isfinite(settings.strength):
+        raise SteeringError(f"STRENGTH {settings.strength} is not a finite number: unset it or give one in "
+                            "-20..20")
     if runner is None:
         runner = Runner(lm, max_queue=settings.max_queue, max_batch_rows=settings.max_batch_rows,
-                        batch_wait_s=settings.batch_wait_s)
+                        batch_wait_s=settings.batch_wait_s, max_batch_tokens=settings.max_batch_tokens)
+    # builds never wait behind generation: the transformers engine gets a build thread with its own
+    # copy of the model; vLLM's runner already builds beside generation on the transformers side
+    build_worker = BuildWorker(lm) if isinstance(runner, Runner) else None
+    build_call = build_worker.call if build_worker is not None else runner.call
+    build_model = build_worker.model if build_worker is not None else (lambda: lm)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -67,6 +79,10 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         try:
             yield
         finally:
+            for build in app.state.builds.active():
+                build.cancel.set()
+            if build_worker is not None:
+                build_worker.close()
             await asyncio.to_thread(runner.close)
 
     # /docs and /redoc with Swagger UI / ReDoc served from the fastapi-offline package: no CDN, works offline
@@ -77,19 +93,13 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
     app.state.runner = runner
     app.state.builds = Builds()
     app.state.readers = Readers()
+    app.state.build_worker = build_worker
     app.state.adds_special_tokens = _adds_special_tokens(lm.tokenizer)
+    app.state.budget = budget = PromptBudget(lm, max_prompt_tokens=settings.max_prompt_tokens,
+                                             context=context_length(lm))
     examples = json.loads(_data("examples.json"))
     _install_error_handlers(app)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):  # noqa: ANN001, ANN202
-        refused = security.check(request, api_key=settings.api_key, key_all=settings.api_key_all,
-                                 public=settings.public)
-        if refused is not None:
-            status, message = refused
-            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-            return JSONResponse(_body(request, status, message), status_code=status, headers=headers)
-        return await call_next(request)
+    app.add_middleware(Guard, settings=settings)
 
     def vector_info(name: str, vec) -> dict[str, Any]:  # noqa: ANN001
         return describe(name, vec, settings=settings, folder=store.folder)
@@ -105,13 +115,16 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         return {"status": "ok", "model": lm.model_id, **runner.engine_info(),
                 "n_layers": lm.n_layers, "hidden_size": lm.hidden_size, "chat_template": lm.has_chat_template,
                 "vectors": store.names(), "strength_override": settings.strength, "max_new_tokens": MAX_NEW_TOKENS,
+                "max_prompt_tokens": settings.max_prompt_tokens, "context": budget.context,
                 "runner": runner.stats(), "builds": [b.as_dict() for b in app.state.builds.active()]}
 
-    @app.get("/examples", summary="Example prompts (the seed's list of strings; ?detail=true adds hints)")
+    @app.get("/examples", summary="Example prompts (the seed's list of strings; ?detail=true adds hints)",
+             responses=errors(422))
     def get_examples(detail: bool = False) -> list[Any]:
         return examples if detail else [e["prompt"] for e in examples]
 
-    @app.get("/examples/precomputed", summary="Pre-computed base vs steered outputs (no model run)")
+    @app.get("/examples/precomputed", summary="Pre-computed base vs steered outputs (no model run)",
+             responses=errors(404))
     def precomputed() -> Response:
         try:
             return Response(_data("precomputed.json"), media_type="application/json")
@@ -119,7 +132,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
             raise HTTPException(404, "no pre-computed examples: run `steerlab examples`") from None
 
     # ---- generation -----------------------------------------------------------------------
-    def make_job(req: GenerateRequest | CompareRequest, compare: bool) -> tuple[GenJob, bridge.Channel, list]:
+    async def make_job(req: GenerateRequest | CompareRequest, compare: bool) -> tuple[GenJob, bridge.Channel, list]:
         store.refresh()  # a vector file changed on disk (e.g. `steerlab sweep` stored new defaults): re-read it
         steers, applied = resolve_steering(req.steering, req.strength, store=store, lm=lm, settings=settings,
                                            dose=req.dose, governor=req.governor, positions=req.positions)
@@ -127,10 +140,12 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         if compare and not steers:
             raise HTTPException(400, "compare needs steering: name a vector (GET /vectors lists them)")
         opts = options(req, steers, lm=lm, max_new_tokens=req.max_length, chat=req.chat)
+        n_prompt = await asyncio.to_thread(budget.prompt_tokens, req.prompt, opts.chat)
+        budget.check(n_prompt, req.max_length)
         channel = bridge.Channel()
         rows = [[], steers] if compare else [steers]
         job = GenJob(prompts=[req.prompt] * len(rows), steering=rows, options=opts, emit=channel.emit,
-                     timeout_s=settings.request_timeout_s)
+                     timeout_s=settings.request_timeout_s, prompt_tokens=n_prompt)
         bridge.submit(runner, job)
         return job, channel, applied
 
@@ -169,9 +184,10 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
 
         return StreamingResponse(framed(), media_type="text/event-stream", headers=bridge.SSE_HEADERS)
 
-    @app.post("/generate", summary="Generate one completion (the seed's endpoint; stream=true for SSE)")
+    @app.post("/generate", summary="Generate one completion (the seed's endpoint; stream=true for SSE)",
+              responses={**json_or_sse("The completion, or its events"), **errors(*GENERATION)})
     async def generate(req: GenerateRequest, request: Request) -> Any:
-        job, channel, applied = make_job(req, compare=False)
+        job, channel, applied = await make_job(req, compare=False)
 
         def payload(done: Done) -> dict[str, Any]:
             row = done.rows[0]
@@ -184,9 +200,10 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         done = await bridge.collect(job, channel, request)
         return await with_reading(req, ["generated"], done, payload(done))
 
-    @app.post("/compare", summary="Base vs steered, in ONE batched generation (stream=true for SSE)")
+    @app.post("/compare", summary="Base vs steered, in ONE batched generation (stream=true for SSE)",
+              responses={**json_or_sse("Base and steered text, or their events"), **errors(*GENERATION)})
     async def compare(req: CompareRequest, request: Request) -> Any:
-        job, channel, applied = make_job(req, compare=True)
+        job, channel, applied = await make_job(req, compare=True)
 
         def payload(done: Done) -> dict[str, Any]:
             base, steered = done.rows
@@ -213,7 +230,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
             raise HTTPException(404, f"no vector named {name!r}")
         return name
 
-    @app.get("/vectors/{name}", summary="One vector's metadata")
+    @app.get("/vectors/{name}", summary="One vector's metadata", responses=errors(404))
     def get_vector(name: str) -> dict[str, Any]:
         store.refresh()
         vec = store.vectors.get(_named(name))
@@ -222,14 +239,16 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         return vector_info(name, vec)
 
     @app.get("/vectors/{name}/plot", summary="The vector's sweep plot (written by `steerlab sweep`)",
-             response_class=FileResponse)
+             response_class=FileResponse,
+             responses={200: {"content": {"image/png": {}}, "description": "PNG"}, **errors(404)})
     def get_plot(name: str) -> FileResponse:
         path = plot_path(store.folder, _named(name))
-        if not path.is_file():
+        if not plain_file(path):
             raise HTTPException(404, f"no sweep plot for {name!r}: run `steerlab sweep {name}` to make one")
         return FileResponse(path, media_type="image/png")
 
-    @app.post("/vectors", status_code=202, summary="Build a persona vector from contrast texts (background)")
+    @app.post("/vectors", status_code=202, summary="Build a persona vector from contrast texts (background)",
+              responses=errors(400, 403, 409, 413, 422, 503))
     def build_vector(req: BuildRequest) -> dict[str, Any]:
         builds: Builds = app.state.builds
         if builds.running(req.name):
@@ -241,8 +260,8 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         if bad:
             raise HTTPException(400, f"default_layers {bad} out of range: this model has layers 0..{lm.n_layers - 1}")
         try:
-            build = builds.start(req, runner=runner, store=store, lm=lm, batch_size=settings.build_batch_size,
-                                 describe=vector_info)
+            build = builds.start(req, call=build_call, store=store, model=build_model,
+                                 batch_size=settings.build_batch_size, describe=vector_info)
         except Busy as exc:
             raise bridge.http_error(exc) from None
         return build.as_dict()
@@ -253,11 +272,21 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
             raise HTTPException(404, f"no build {build_id!r} (builds are kept while the server runs)")
         return build
 
-    @app.get("/builds/{build_id}", summary="A build's state and progress (poll it)")
+    @app.get("/builds/{build_id}", summary="A build's state and progress (poll it)", responses=errors(404))
     def build_status(build_id: str) -> dict[str, Any]:
         return _build(build_id).as_dict()
 
-    @app.get("/builds/{build_id}/events", summary="A build's progress as server-sent events")
+    @app.delete("/builds/{build_id}", summary="Cancel a build (it stops at its next batch of texts)",
+                responses=errors(403, 404))
+    def cancel_build(build_id: str) -> dict[str, Any]:
+        build = _build(build_id)
+        if not build.final:
+            build.cancel.set()
+        return build.as_dict()
+
+    @app.get("/builds/{build_id}/events", summary="A build's progress as server-sent events",
+             responses={200: {"content": {"text/event-stream": {}}, "description": "progress events"},
+                        **errors(404)})
     async def build_events(build_id: str, request: Request) -> StreamingResponse:
         build = _build(build_id)
 
@@ -283,10 +312,11 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
 
 # ---- errors: one JSON shape, {"error": message, "detail": ...} (OpenAI's shape under /v1) ----------
 def _body(request: Request, status: int, message: str, detail: Any = None) -> dict[str, Any]:
-    if request.url.path.startswith("/v1/"):
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    return {"error": message, "detail": message if detail is None else detail}
+    return error_body(request.url.path, status, message, detail)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _field(loc: tuple) -> str:
@@ -304,15 +334,18 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = []
-        for err in exc.errors():
+        found = exc.errors()
+        for err in found[:MAX_ERROR_ITEMS]:  # bounded: 300,000 unknown keys once made a 30 MB answer
             if err.get("type") == "json_invalid":
                 where = err.get("loc", ("body", "?"))[-1]
                 reason = (err.get("ctx") or {}).get("error", "")
                 msg = f"malformed JSON at character {where}: {reason}".rstrip(": ")
             else:
-                msg = f"{_field(tuple(err.get('loc', ())))}: {err.get('msg', 'invalid')}"
-            errors.append({"loc": [str(p) for p in err.get("loc", ())], "msg": msg, "type": err.get("type")})
+                msg = f"{_clip(_field(tuple(err.get('loc', ()))))}: {_clip(str(err.get('msg', 'invalid')))}"
+            errors.append({"loc": [_clip(str(p)) for p in err.get("loc", ())][:8], "msg": msg, "type": err.get("type")})
         message = "; ".join(dict.fromkeys(e["msg"] for e in errors[:4]))
+        if len(found) > MAX_ERROR_ITEMS:
+            message += f" (and {len(found) - MAX_ERROR_ITEMS} more errors)"
         return JSONResponse(_body(request, 422, message, errors), status_code=422)
 
     @app.exception_handler(SteeringError)

@@ -14,13 +14,20 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def serve_in_thread(app, *, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0) -> Iterator[str]:  # noqa: ANN001
-    """Yield the base URL (``http://127.0.0.1:<port>``) of ``app`` served in a thread."""
-    import uvicorn
+def serve_in_thread(app, *, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0,
+                    **server_options) -> Iterator[str]:  # noqa: ANN001, ANN003
+    """Yield the base URL (``http://127.0.0.1:<port>``) of ``app`` served in a thread.
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    The server is :func:`steerlab.server.serving.make_server`'s, as ``steerlab serve`` runs it
+    (``server_options`` go there); it is also ``app.state.server``, so a test can stop it the
+    way a signal would (``app.state.server.handle_exit(signal.SIGTERM, None)``).
+    """
+    from .serving import make_server
+
+    server_options.setdefault("graceful_s", 2)
+    server = make_server(app, host=host, port=port, log_level="warning", **server_options)
+    if hasattr(app, "state"):  # a FastAPI app (a warming-up wrapper has none)
+        app.state.server = server
     thread = threading.Thread(target=server.run, name="steerlab-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout

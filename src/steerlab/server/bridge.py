@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 from ..errors import SteeringError
-from .runner import Busy, Delta, Done, Event, Failed, GenJob, JobCancelled, JobTimeout, Runner
+from .runner import Busy, Delta, Done, Event, Failed, GenJob, JobCancelled, JobTimeout, Runner, _is_oom
 
 POLL_S = 0.5  # how often a waiting handler checks whether its client is still there
 
@@ -48,14 +48,6 @@ OOM_MESSAGE = ("out of memory while generating: lower max_length / max_tokens or
                "or --device cpu")
 
 
-def _out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
-
-
 def http_error(error: BaseException) -> HTTPException:
     """A runner failure as the HTTP error a client should see."""
     if isinstance(error, Busy):
@@ -66,37 +58,74 @@ def http_error(error: BaseException) -> HTTPException:
         return HTTPException(499, str(error))
     if isinstance(error, SteeringError):
         return HTTPException(400, str(error))
-    if _out_of_memory(error):
+    if _is_oom(error):
         return HTTPException(503, OOM_MESSAGE, headers={"Retry-After": "5"})
-    return HTTPException(500, f"generation failed: {type(error).__name__}: {error}")
+    message = str(error)
+    if len(message) > 300:
+        message = message[:300] + "..."
+    return HTTPException(500, f"generation failed: {type(error).__name__}: {message}")
 
 
-async def next_event(job: GenJob, channel: Channel, request: Request) -> Event:
-    """The job's next event; cancels the job when its time is up or the client has gone."""
+def _timed_out(job: GenJob) -> Failed:
+    return Failed(JobTimeout(f"generation ran past the {job.timeout_s:g} s limit; "
+                             "ask for fewer tokens or try again when the server is less busy"))
+
+
+async def next_event(job: GenJob, channel: Channel, request: Request, gone: asyncio.Future | None = None) -> Event:
+    """The job's next event; cancels the job when its time is up or the client has gone.
+
+    ``gone``: a task that finishes when the client disconnects (non-streaming requests watch
+    for it continuously, so a disconnect cancels the job at the next decode step even while
+    tokens flow); without it the client is checked after ``POLL_S`` without an event.
+    """
     while True:
         left = job.deadline - time.monotonic()
         if left <= 0:
             job.cancel.set()
-            return Failed(JobTimeout(f"generation ran past the {job.timeout_s:g} s limit; "
-                                     "ask for fewer tokens or try again when the server is less busy"))
+            return _timed_out(job)
+        if gone is None:
+            try:
+                return await asyncio.wait_for(channel.queue.get(), timeout=min(left, POLL_S))
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel.set()
+                    return Failed(JobCancelled("the client disconnected"))
+            continue
+        if not channel.queue.empty():
+            return channel.queue.get_nowait()
+        getter = asyncio.ensure_future(channel.queue.get())
         try:
-            return await asyncio.wait_for(channel.queue.get(), timeout=min(left, POLL_S))
-        except TimeoutError:
-            if await request.is_disconnected():
-                job.cancel.set()
-                return Failed(JobCancelled("the client disconnected"))
+            await asyncio.wait({getter, gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        if gone.done():
+            job.cancel.set()
+            return Failed(JobCancelled("the client disconnected"))
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns once the client has gone (the body was read already, so only a disconnect arrives)."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            return
 
 
 async def collect(job: GenJob, channel: Channel, request: Request) -> Done:
     """Wait for the job's result (non-streaming requests); failures raise HTTP errors."""
+    gone = asyncio.ensure_future(_disconnect(request))
     try:
         while True:
-            event = await next_event(job, channel, request)
+            event = await next_event(job, channel, request, gone)
             if isinstance(event, Done):
                 return event
             if isinstance(event, Failed):
                 raise http_error(event.error)
     finally:
+        gone.cancel()
         job.cancel.set()  # no-op when done; stops the work if this handler was cancelled
 
 

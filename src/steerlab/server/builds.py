@@ -1,23 +1,67 @@
-"""Background persona builds for POST /vectors: status records and the work itself.
+"""Background persona builds for POST /vectors: status records, the build thread and the work.
 
-Owns the list of recent builds (held in app state, bounded) and the job that builds a
-vector on the runner's worker, reporting progress as contrast texts are processed. A built
-vector is added to the :class:`~steerlab.store.VectorStore`, so it is usable at once.
+Owns the list of recent builds (held in app state, bounded), the :class:`BuildWorker` that runs
+them beside generation (its own thread and its own copy of the model: forward hooks are per
+model, so a build's capture hooks must never sit on the model that generates), cancellation
+(``DELETE /builds/{id}``, effective at the next batch of contrast texts) and the job that builds
+a vector, reporting progress as contrast texts are processed. A built vector is added to the
+:class:`~steerlab.store.VectorStore`, so it is usable at once. Error messages never carry the
+server's absolute paths.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
+import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..personas import Persona, build_persona
 from ..store import VectorStore
-from .runner import Runner
 from .schemas import BuildRequest
+
+FINAL_STATES = ("done", "failed", "cancelled")
+
+
+class BuildCancelled(Exception):
+    """Raised from a build's progress callback once its cancel flag is set."""
+
+
+class BuildWorker:
+    """One thread for builds, on a copy of ``lm`` made at the first build (so generation never waits)."""
+
+    def __init__(self, lm) -> None:  # noqa: ANN001
+        self._lm = lm
+        self._copy = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steerlab-build")
+
+    def model(self):  # noqa: ANN201
+        """The build copy (called on the build thread only)."""
+        if self._copy is None:
+            self._copy = copy.deepcopy(self._lm)
+        return self._copy
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        return self._pool.submit(fn)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_PATH = re.compile(r"(?<![\w.~])(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()]+)+")
+
+
+def public_message(error: BaseException) -> str:
+    """``error`` as a client may see it: absolute paths reduced to their file names."""
+    text = str(error) or type(error).__name__
+    return _PATH.sub(lambda m: Path(m.group(0).replace("\\", "/")).name or "<path>", text)
 
 
 @dataclass
@@ -27,16 +71,17 @@ class Build:
     id: str
     name: str
     total: int
-    state: str = "queued"  # queued -> running -> done | failed
+    state: str = "queued"  # queued -> running -> done | failed | cancelled
     done: int = 0
     error: str | None = None
     vector: dict[str, Any] | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def final(self) -> bool:
-        return self.state in ("done", "failed")
+        return self.state in FINAL_STATES
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "state": self.state, "done": self.done, "total": self.total,
@@ -71,9 +116,12 @@ class Builds:
             for k in old[: max(0, len(self._items) - self.keep)]:
                 del self._items[k]
 
-    def start(self, req: BuildRequest, *, runner: Runner, store: VectorStore, lm,
-              batch_size: int, describe) -> Build:  # noqa: ANN001
-        """Queue the build on the runner (raises runner.Busy when full) and return its record."""
+    def start(self, req: BuildRequest, *, call: Callable[[Callable[[], Any]], Future], store: VectorStore,
+              model: Callable[[], Any], batch_size: int, describe) -> Build:  # noqa: ANN001
+        """Queue the build with ``call`` (raises runner.Busy when refused) and return its record.
+
+        ``model()`` gives the model to build on; it is called on the build thread.
+        """
         build = Build(id=uuid.uuid4().hex[:12], name=req.name, total=len(req.positive) + len(req.negative))
         persona = Persona(
             name=req.name, description=req.description, keywords=(), positive=tuple(req.positive),
@@ -83,23 +131,31 @@ class Builds:
 
         def progress(done: int, total: int) -> None:
             build.done, build.total = done, total
+            if build.cancel.is_set():
+                raise BuildCancelled
 
         def work() -> None:
-            build.state = "running"
             try:
-                vec = build_persona(lm, persona, batch_size=batch_size, progress=False, on_progress=progress)
+                if build.cancel.is_set():
+                    raise BuildCancelled
+                build.state = "running"
+                vec = build_persona(model(), persona, batch_size=batch_size, progress=False, on_progress=progress)
+                if build.cancel.is_set():
+                    raise BuildCancelled
                 store.add(vec, overwrite=req.overwrite)
                 build.vector = describe(req.name, vec)
                 build.state = "done"
-            except Exception as exc:  # shown to the client as the build's error
-                build.error = str(exc) or type(exc).__name__
+            except BuildCancelled:
+                build.state = "cancelled"
+            except Exception as exc:  # shown to the client as the build's error, without server paths
+                build.error = public_message(exc)
                 build.state = "failed"
             finally:
                 build.finished = time.time()
 
         self.add(build)
         try:
-            runner.call(work)
+            call(work)
         except Exception:
             with self._lock:
                 self._items.pop(build.id, None)

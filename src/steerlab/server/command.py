@@ -15,12 +15,22 @@ import click
 
 from ..errors import SteeringError
 from ..options import load_lm, model_options, open_store, vectors_option
-from .limits import STRENGTH_LIMIT
+from .limits import MAX_PROMPT_TOKENS, STRENGTH_LIMIT
 
 
 def _open(model_id: str | None, device: str, dtype: str, vectors_dir: Path | None, lm=None):  # noqa: ANN001, ANN202
     lm = load_lm(model_id, device, dtype) if lm is None else lm
     return lm, open_store(lm, vectors_dir)
+
+
+def _finite(value: float | None, param: click.Parameter) -> float | None:
+    """FloatRange lets NaN through (every comparison with NaN is false)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number: give a strength between {-STRENGTH_LIMIT:g} and "
+                                 f"{STRENGTH_LIMIT:g} (or leave STRENGTH unset)", param=param)
+    return value
 
 
 def _key_values(pairs: tuple[str, ...]) -> dict:
@@ -106,7 +116,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--port", envvar="PORT", default=5050, show_default=True, type=click.IntRange(0, 65535),
               help="Port (0: any free port). Env: PORT.")
 @click.option("--strength", envvar="STRENGTH", default=None,
-              type=click.FloatRange(-STRENGTH_LIMIT, STRENGTH_LIMIT),
+              type=click.FloatRange(-STRENGTH_LIMIT, STRENGTH_LIMIT), callback=lambda c, p, v: _finite(v, p),
               help="Replace every vector's default strength (residual-norm units; a request's own strength "
                    "still wins). Env: STRENGTH.")
 @click.option("--no-build", is_flag=True, help="Do not build missing built-in persona vectors at start.")
@@ -115,7 +125,18 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, 256),
               help="Rows (prompts) generated together in one batch.")
 @click.option("--timeout", "timeout_s", default=120.0, show_default=True, type=click.FloatRange(1, 3600),
-              help="Per-request time limit in seconds, waiting included (504 past it).")
+              help="Per-request time limit in seconds, waiting included (504 past it; checked at every decode step).")
+@click.option("--max-prompt-tokens", default=MAX_PROMPT_TOKENS, show_default=True, type=click.IntRange(16, 1_000_000),
+              help="Longest prompt in tokens (after the chat template); the model's context bounds prompt + "
+                   "new tokens too. Longer prompts get 400.")
+@click.option("--limit-concurrency", default=256, show_default=True, type=click.IntRange(1, 100_000),
+              help="Connections/requests in progress before uvicorn answers 503; silent new connections are "
+                   "closed after 10 s and connections past 4x this (or the open-file limit) at once.")
+@click.option("--timeout-keep-alive", default=5.0, show_default=True, type=click.FloatRange(0.1, 600),
+              help="Seconds an idle keep-alive connection stays open.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A Host name besides localhost/127.0.0.1/[::1] that may build or cancel builds on a loopback "
+                   "bind (e.g. behind a proxy); repeatable. Other names get 403 (DNS rebinding).")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
               help="CPU threads for torch (default: torch's choice; 1 helps on a machine shared with other jobs).")
 @click.option("--api-key-all", is_flag=True, envvar="STEERLAB_API_KEY_ALL",
@@ -144,8 +165,9 @@ def _is_loopback(host: str) -> bool:
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @vectors_option
 @model_options
-def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threads, api_key_all, engine, tp, pp,
-          gpu_mem, max_model_len, kv_cache_gib, vllm_args, log_level, model_id, device, dtype, vectors_dir) -> None:  # noqa: ANN001
+def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, max_prompt_tokens, limit_concurrency,
+          timeout_keep_alive, allowed_hosts, threads, api_key_all, engine, tp, pp, gpu_mem, max_model_len, kv_cache_gib,
+          vllm_args, log_level, model_id, device, dtype, vectors_dir) -> None:  # noqa: ANN001
     """Run the web studio and HTTP API (OpenAPI docs at /docs).
 
     Opens http://HOST:PORT (default http://127.0.0.1:5050) at once: while the model loads and
@@ -159,6 +181,7 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
     from ..phases import say
     from .resolve import ServerSettings
     from .warmup import WarmingUp
+    from .serving import make_server
 
     api_key = os.environ.get("STEERLAB_API_KEY") or None  # env only: a --api-key would show in `ps`
     if api_key_all and not api_key:
@@ -176,7 +199,8 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
         click.echo("API key required " + ("on every endpoint but / and /health" if api_key_all
                                           else "for building vectors (STEERLAB_API_KEY_ALL=1: everywhere)"))
     settings = ServerSettings(strength=strength, max_queue=max_queue, max_batch_rows=max_batch,
-                              request_timeout_s=timeout_s, api_key=api_key, api_key_all=api_key_all, public=public)
+                              request_timeout_s=timeout_s, max_prompt_tokens=max_prompt_tokens, api_key=api_key,
+                              api_key_all=api_key_all, public=public, allowed_hosts=tuple(allowed_hosts))
     vllm_args = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, gpu_memory_utilization=gpu_mem,
                      max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                      engine_args=_key_values(vllm_args)) if engine == "vllm" else None
@@ -215,8 +239,9 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, threa
             server.should_exit = True
 
     warming = WarmingUp(load, on_failure=failed, echo=say)
-    config = uvicorn.Config(warming, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = make_server(warming, host=host, port=port, log_level=log_level, limit_concurrency=limit_concurrency,
+                         timeout_keep_alive=timeout_keep_alive)
+    server.on_exit = lambda: warming.shutdown_runner()  # SIGTERM: answer in-flight requests with 503 first
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"steerlab studio: http://{shown}:{port}  (warming up: the page shows progress; API docs: /docs; "
                "stop with Ctrl-C)")

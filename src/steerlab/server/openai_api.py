@@ -9,6 +9,7 @@ goes in the request body (``extra_body`` in the ``openai`` Python client).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -18,6 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from . import bridge
 from .reading_api import check_read, read_rows
+from .openapi import GENERATION, errors, json_or_sse
 from .resolve import options, resolve_steering
 from .runner import Done, GenJob
 from .schemas import ChatRequest
@@ -44,13 +46,15 @@ def render(lm, messages: list, *, adds_special: bool) -> tuple[str, bool | None]
     return text, False
 
 
-@router.get("/models", summary="The one loaded model, as OpenAI's model list")
+@router.get("/models", summary="The one loaded model, as OpenAI's model list", responses=errors(openai=True))
 def models(request: Request) -> dict[str, Any]:
     lm = request.app.state.lm
     return {"object": "list", "data": [{"id": lm.model_id, "object": "model", "created": 0, "owned_by": "steerlab"}]}
 
 
-@router.post("/chat/completions", summary="OpenAI chat completions with an extra `steering` field")
+@router.post("/chat/completions", summary="OpenAI chat completions with an extra `steering` field",
+             responses={**json_or_sse("A chat.completion, or chat.completion.chunk events ending in [DONE]"),
+                        **errors(*GENERATION, openai=True)})
 async def chat_completions(req: ChatRequest, request: Request) -> Any:
     state = request.app.state
     lm, settings = state.lm, state.settings
@@ -59,9 +63,11 @@ async def chat_completions(req: ChatRequest, request: Request) -> Any:
                                        dose=req.dose, governor=req.governor)
     check_read(req.read, state.store)
     opts = options(req, steers, lm=lm, max_new_tokens=req.new_tokens, chat=chat)
+    n_prompt = await asyncio.to_thread(state.budget.prompt_tokens, prompt, opts.chat)
+    state.budget.check(n_prompt, req.new_tokens, field="messages", new_field="max_tokens")
     channel = bridge.Channel()
     job = GenJob(prompts=[prompt], steering=[steers], options=opts, emit=channel.emit,
-                 timeout_s=settings.request_timeout_s)
+                 timeout_s=settings.request_timeout_s, prompt_tokens=n_prompt)
     bridge.submit(state.runner, job)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model or lm.model_id
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..reading import Reader, TextReading
 from . import bridge
 from .limits import MAX_PROMPT_CHARS, MAX_VECTORS
+from .openapi import errors
 from .resolve import unknown_vector
 from .schemas import VectorName
 
@@ -103,14 +104,16 @@ class ReadRequest(BaseModel):
 router = APIRouter(tags=["glass box"])
 
 
-@router.post("/read", summary="Token readings of a text for some vectors (monitoring, no generation)")
+@router.post("/read", summary="Token readings of a text for some vectors (monitoring, no generation)",
+             responses=errors(404, 413, 422))
 async def read(req: ReadRequest, request: Request) -> dict[str, Any]:
     rows = await read_rows(request.app.state, req.read or [], [req.text],
                            prompts=None if req.prompt is None else [req.prompt])
     return {"text": req.text, "read": rows[0]}
 
 
-@router.get("/vectors/{name}/lens", summary="Tokens a vector's direction promotes and suppresses (logit lens)")
+@router.get("/vectors/{name}/lens", summary="Tokens a vector's direction promotes and suppresses (logit lens)",
+            responses=errors(404, 422))
 async def lens(name: str, request: Request, k: int = Query(8, ge=1, le=50)) -> dict[str, Any]:
     """At the vector's active layers and its deepest layer (where the lens reads clearest)."""
     from ..lens import lens_layers, logit_lens

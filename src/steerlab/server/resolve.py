@@ -20,6 +20,7 @@ from ..spec import DEFAULT_GOVERNOR, DEFAULT_OPERATOR, Resolved, Steer, default_
 from ..personas import builtin_names
 from ..store import VectorStore
 from ..vectors import SteeringVector
+from .limits import MAX_PROMPT_TOKENS, MIN_SAMPLING_TEMPERATURE
 from .schemas import SteerEntry
 
 
@@ -32,6 +33,9 @@ class ServerSettings:
     max_batch_rows: int = 16  # rows (prompts) in one batched generation
     batch_wait_s: float = 0.01  # how long the worker waits for more jobs to batch with
     request_timeout_s: float = 120.0  # per request, queueing included
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS  # a request's rendered prompt; the model's context bounds it too
+    max_batch_tokens: int = 8192  # padded prompt tokens (rows x longest prompt) in one batch
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback that mutating requests may use
     build_batch_size: int = 4  # contrast texts per forward pass when building (progress granularity)
     api_key: str | None = field(default=None, repr=False)  # STEERLAB_API_KEY: required on mutating endpoints
     api_key_all: bool = False  # STEERLAB_API_KEY_ALL=1: the key is required everywhere but / and /health
@@ -44,6 +48,11 @@ def effective_strength(vec: SteeringVector, settings: ServerSettings) -> float:
 
 def plot_path(folder: Path, name: str) -> Path:
     return folder / f"{name}.sweep.png"
+
+
+def plain_file(path: Path) -> bool:
+    """A file in the folder itself: a planted symlink must not expose a file from elsewhere."""
+    return path.is_file() and not path.is_symlink()
 
 
 def describe(name: str, vec: SteeringVector, *, settings: ServerSettings, folder: Path) -> dict[str, Any]:
@@ -73,8 +82,11 @@ def describe(name: str, vec: SteeringVector, *, settings: ServerSettings, folder
 
 def _plot_url(folder: Path, name: str) -> str | None:
     """The plot's URL, versioned by its mtime so a browser never shows an older sweep's plot."""
+    path = plot_path(folder, name)
+    if not plain_file(path):  # never a link out of the folder
+        return None
     try:
-        version = plot_path(folder, name).stat().st_mtime_ns
+        version = path.stat().st_mtime_ns
     except OSError:
         return None
     return f"/vectors/{name}/plot?v={version}"
@@ -125,7 +137,8 @@ def options(req: Any, steers: list[Resolved], *, lm, max_new_tokens: int, chat: 
     positions = getattr(req, "positions", None)
     return GenerationOptions(
         max_new_tokens=max_new_tokens,
-        temperature=req.temperature,
+        # (0, MIN_SAMPLING_TEMPERATURE): greedy, the limit of sampling as T -> 0 (logits / 1e-37 overflow to NaN)
+        temperature=req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0,
         top_p=req.top_p,
         seed=req.seed,
         chat=lm.has_chat_template if chat is None else chat,

@@ -8,8 +8,21 @@ Owns dynamic batching, per-job token limits, cancellation, time limits and exclu
   ``max_new_tokens`` and each job finishes (and is answered) as soon as its own rows are done.
   The worker waits at most ``batch_wait_s`` for company, so a lone request is not held back.
 * Sampled jobs with a ``seed`` run alone, so the same seed gives the same text.
-* A job's ``cancel`` event (client gone) or its deadline ends it at the next token; a batch
-  stops as soon as none of its jobs is still wanted.
+* Which job runs next is not plain arrival order: each waiting job is ranked by its estimated
+  finish, arrival time plus its cost (new tokens, plus prompt tokens at ``PREFILL_PER_STEP`` per
+  decode step) times the measured time of one decode step. Short requests overtake long ones
+  that arrived before them; a long one is not starved, since later arrivals rank after it. A batch holds at most ``max_batch_tokens`` padded prompt tokens, so one
+  long prompt cannot make every row of a batch long.
+* A job's ``cancel`` event (client gone) or its deadline ends it at the next token (every
+  decode step checks); a batch stops as soon as none of its jobs is still wanted.
+* A running batch yields: once it has run ``slice_s`` and a waiting job ranks before it (the
+  batch's rank: its oldest job plus the cost of the tokens it still has to make), it stops after
+  the current decode step, waits in the queue with its KV cache (:mod:`steerlab.server.slices`)
+  and later resumes exactly where it stopped (same tokens as in one go). At most one batch is
+  paused at a time; seeded sampling never pauses. So a short request waits about one slice
+  behind a maximal one, not the maximal one's whole run.
+* One job's failure is its own: when a batch of several jobs fails before any token, each job
+  is retried alone, so a bad row answers only its own request.
 * :meth:`Runner.call` runs any function (a vector build) on the worker, so it never overlaps a
   generation. Steering hooks live only inside one batch's ``generate`` (context-managed).
 
@@ -31,10 +44,13 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..generate import GenerationOptions, _eos_ids, encode_prompts, generate
+from ..generate import GenerationOptions, _eos_ids
 from ..spec import Resolved
+from . import slices
 
 log = logging.getLogger("steerlab.server")
+
+PREFILL_PER_STEP = 16  # prompt tokens whose prefill costs about one decode step (a rough CPU figure)
 
 
 class Busy(Exception):
@@ -120,24 +136,58 @@ class GenJob:
     options: GenerationOptions
     emit: Callable[[Event], None]
     timeout_s: float = 120.0
+    prompt_tokens: int = 0  # the longest row's prompt in tokens, counted by the app (0: unknown)
     cancel: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
     finished: bool = False  # set once Done/Failed was emitted (worker thread only)
+    outcome: str | None = None  # "done", "cancelled", "timed_out" or "failed", once finished
 
     @property
     def deadline(self) -> float:
         return self.created + self.timeout_s
 
+    @property
+    def cost(self) -> float:
+        """This job's work in decode steps: its new tokens, and its prompt (prefill is parallel, so cheaper)."""
+        return self.prompt_tokens / PREFILL_PER_STEP + self.options.max_new_tokens
+
     def end(self, event: Event) -> None:
         if not self.finished:
             self.finished = True
+            self.outcome = _outcome(event)
             self.emit(event)
+
+
+def _outcome(event: Event) -> str:
+    if isinstance(event, Done):
+        return "done"
+    if isinstance(event, Failed) and isinstance(event.error, JobCancelled):
+        return "cancelled"
+    if isinstance(event, Failed) and isinstance(event.error, JobTimeout):
+        return "timed_out"
+    return "failed"
 
 
 @dataclass(eq=False)
 class _Call:
     fn: Callable[[], Any]
     future: Future
+
+
+@dataclass(eq=False)
+class _Paused:
+    """A batch that yielded the model: its jobs, where it stopped, and what it runs with."""
+
+    batch: list[GenJob]
+    streamer: Any
+    state: Any  # slices.SliceState
+    steering: list[list[Resolved]]
+    options: GenerationOptions
+    started: float
+
+    @property
+    def jobs(self) -> list[GenJob]:
+        return [j for j in self.batch if not j.finished]
 
 
 def batch_key(opts: GenerationOptions) -> tuple | None:
@@ -170,9 +220,11 @@ class _BatchStreamer(BaseStreamer):
         self.first_token: dict[GenJob, float] = {}
         self.prompt_seen = False
         self.report: dict = {}  # filled by generate(): "live" is the governor while it runs
+        self.should_yield: Callable[[], bool] | None = None  # set by the runner for each slice
+        self.yielded = False
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompts
+        if not self.prompt_seen:  # the first call carries the prompts (every slice starts with them)
             self.prompt_seen = True
             return
         now = time.monotonic()
@@ -193,6 +245,9 @@ class _BatchStreamer(BaseStreamer):
             if not job.finished and all(self.reason[r] for r, (j, _) in enumerate(self.slots) if j is job):
                 self._finish(job)
         if all(job.finished for job in self.jobs):
+            self.stop.set()
+        elif self.should_yield is not None and self.should_yield():
+            self.yielded = True
             self.stop.set()
 
     def end(self) -> None:
@@ -252,14 +307,17 @@ class _BatchStreamer(BaseStreamer):
 class Runner:
     """The worker thread that owns ``lm``. ``start()`` it, ``submit()`` jobs, ``close()`` it."""
 
-    def __init__(self, lm, *, max_queue: int = 32, max_batch_rows: int = 16,
-                 batch_wait_s: float = 0.01) -> None:  # noqa: ANN001
+    def __init__(self, lm, *, max_queue: int = 32, max_batch_rows: int = 16, batch_wait_s: float = 0.01,
+                 max_batch_tokens: int = 8192, slice_s: float = 1.0) -> None:  # noqa: ANN001
         self.lm = lm
+        self.slice_s = slice_s
+        self._step_s = 0.02  # seconds per decode step, measured (moving average) as batches run
         self.max_queue = max_queue
         self.max_batch_rows = max_batch_rows
         self.batch_wait_s = batch_wait_s
+        self.max_batch_tokens = max_batch_tokens
         self._eos = set(_eos_ids(lm.tokenizer))
-        self._pending: collections.deque[GenJob | _Call] = collections.deque()
+        self._pending: collections.deque[GenJob | _Call | _Paused] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
         self._busy = False
@@ -275,8 +333,12 @@ class Runner:
             self._thread = threading.Thread(target=self._loop, name="steerlab-runner", daemon=True)
             self._thread.start()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Refuse new work, fail what is queued, stop the running batch, join the worker."""
+    def shutdown(self) -> None:
+        """Refuse new work, fail what is queued and stop the running batch (its jobs get 503); never blocks.
+
+        Safe from a signal handler: ``steerlab serve`` calls it on SIGTERM/SIGINT, before uvicorn
+        waits for open requests, so they end with the documented 503 instead of being cut off.
+        """
         with self._cv:
             self._closed = True
             dropped = list(self._pending)
@@ -286,6 +348,10 @@ class Runner:
             self._cv.notify_all()
         for item in dropped:
             self._fail(item, Busy("the server is shutting down"))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """:meth:`shutdown`, then join the worker."""
+        self.shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -304,7 +370,8 @@ class Runner:
         with self._cv:
             if self._closed:
                 raise Busy("the server is shutting down")
-            waiting = sum(1 for x in self._pending if not (isinstance(x, GenJob) and x.cancel.is_set()))
+            waiting = sum(1 for x in self._pending if isinstance(x, _Call) or (isinstance(x, GenJob)
+                                                                                   and not x.cancel.is_set()))
             if waiting >= self.max_queue:
                 self._counts["refused"] += 1
                 raise Busy(f"the server is busy ({waiting} requests waiting); try again shortly",
@@ -321,14 +388,60 @@ class Runner:
         return {"engine": "transformers", "device": str(self.lm.device), "dtype": str(self.lm.dtype).replace("torch.", "")}
 
     def stats(self) -> dict[str, Any]:
-        """Counters for /health and tests: queue depth, batches, jobs, cancellations."""
+        """Counters for /health and tests: queue depth, batches, jobs, and how jobs ended."""
         with self._cv:
             pending = len(self._pending)
         return {"pending": pending, "max_queue": self.max_queue, "busy": self._busy,
-                "max_batch_rows": self.max_batch_rows, **dict(self._counts),
+                "max_batch_rows": self.max_batch_rows, "max_batch_tokens": self.max_batch_tokens,
+                "step_s": round(self._step_s, 4), "slice_s": self.slice_s,
+                "cancelled": 0, "timed_out": 0, **dict(self._counts),
                 "recent_batches": [{"jobs": j, "rows": r} for j, r in self._batch_sizes]}
 
     # ---- the worker ---------------------------------------------------------------------
+    def _rank_job(self, job: GenJob) -> float:
+        return job.created + self._step_s * job.cost
+
+    def _rank_batch(self, jobs: list[GenJob], generated: int, prompt_left: float) -> float:
+        """A started batch ranks as its most urgent open job: that job's arrival plus the steps *it*
+        still needs (so a short job inside a batch with a long one is not held back by the long one)."""
+        return min((j.created + self._step_s * (max(0, j.options.max_new_tokens - generated)
+                                                 + prompt_left / PREFILL_PER_STEP) for j in jobs), default=0.0)
+
+    def _rank(self, item: GenJob | _Paused) -> float:
+        if isinstance(item, _Paused):
+            prompt_left = 0 if item.state.generated else item.state.ids.shape[1] - item.state.prefilled
+            return self._rank_batch(item.jobs, item.state.generated, prompt_left)
+        return self._rank_job(item)
+
+    def _pop_next(self) -> GenJob | _Call | _Paused:
+        """The waiting item to run next (call with the lock held and the queue non-empty)."""
+        first = self._pending[0]
+        if isinstance(first, _Call):  # calls keep their place: they run between batches, in order
+            return self._pending.popleft()
+        best = min((x for x in self._pending if not isinstance(x, _Call)), key=self._rank)
+        self._pending.remove(best)
+        return best
+
+    def _yield_check(self, batch: list[GenJob], streamer: _BatchStreamer, opts: GenerationOptions,
+                     state_generated: int, slice_started: float, prompt_left: int = 0) -> Callable[[], bool]:
+        """For the streamer: whether the running batch should stop now and let a waiting job run."""
+        if opts.seed is not None and opts.temperature > 0:
+            return lambda: False
+        steps = [0]
+
+        def check() -> bool:
+            steps[0] += 1
+            if time.monotonic() - slice_started < self.slice_s:
+                return False
+            mine = self._rank_batch([j for j in batch if not j.finished], state_generated + steps[0], prompt_left)
+            with self._cv:
+                if self._closed or any(isinstance(x, _Paused) for x in self._pending):
+                    return False
+                waiting = [self._rank_job(x) for x in self._pending if isinstance(x, GenJob) and not x.cancel.is_set()]
+            return bool(waiting) and min(waiting) < mine
+
+        return check
+
     def _loop(self) -> None:
         while True:
             with self._cv:
@@ -336,11 +449,13 @@ class Runner:
                     self._cv.wait()
                 if self._closed:
                     return
-                first = self._pending.popleft()
+                first = self._pop_next()
                 self._busy = True
             try:
                 if isinstance(first, _Call):
                     self._run_call(first)
+                elif isinstance(first, _Paused):
+                    self._resume(first)
                 elif self._usable(first):
                     self._run_batch(self._gather(first))
             except Exception:  # never let the worker die: the failure was reported to the job
@@ -350,14 +465,24 @@ class Runner:
 
     def _usable(self, job: GenJob) -> bool:
         if job.cancel.is_set():
-            self._counts["cancelled"] += 1
             job.end(Failed(JobCancelled("cancelled by the client")))
+            self._count(job)
             return False
         if time.monotonic() > job.deadline:
-            self._counts["timed_out"] += 1
             job.end(Failed(JobTimeout(f"the request waited past its {job.timeout_s:g} s limit; try again")))
+            self._count(job)
             return False
         return True
+
+    def _count(self, job: GenJob) -> None:
+        if job.outcome in ("cancelled", "timed_out"):
+            self._counts[job.outcome] += 1
+
+    def _fits(self, batch: list[GenJob], rows: int, job: GenJob) -> bool:
+        """Whether ``job`` may join: rows, and padded prompt tokens (rows x the longest prompt)."""
+        n = rows + len(job.prompts)
+        longest = max(job.prompt_tokens, *(j.prompt_tokens for j in batch))
+        return n <= self.max_batch_rows and n * longest <= self.max_batch_tokens
 
     def _gather(self, first: GenJob) -> list[GenJob]:
         """``first`` plus compatible jobs that are waiting or arrive within ``batch_wait_s``."""
@@ -368,9 +493,8 @@ class Runner:
         until = time.monotonic() + self.batch_wait_s
         with self._cv:
             while True:
-                for item in list(self._pending):
-                    if (isinstance(item, GenJob) and batch_key(item.options) == key
-                            and rows + len(item.prompts) <= self.max_batch_rows):
+                for item in sorted((x for x in self._pending if isinstance(x, GenJob)), key=self._rank_job):
+                    if batch_key(item.options) == key and self._fits(batch, rows, item):
                         self._pending.remove(item)
                         if self._usable(item):
                             batch.append(item)
@@ -388,31 +512,105 @@ class Runner:
                 steering.append(list(row))
                 slots.append((job, r))
         opts = replace(batch[0].options, max_new_tokens=max(j.options.max_new_tokens for j in batch))
+        started = time.monotonic()
+        streamer, state = None, None
+        error: BaseException | None = None
+        try:
+            state = slices.begin(self.lm, prompts, opts)
+            streamer = _BatchStreamer(self.lm.tokenizer, slots, self._eos, threading.Event(),
+                                      state.mask.sum(dim=1).tolist(), started, len(batch))
+            self._batch_sizes.append((len(batch), len(slots)))
+            self._counts["batches"] += 1
+            self._counts["jobs"] += len(batch)
+        except Exception as exc:  # encoding failed: nothing ran
+            error = exc
+        if error is None:
+            self._slice(_Paused(batch, streamer, state, steering, opts, started))
+            return
+        self._finish_batch(batch, streamer, error, started)
+
+    def _resume(self, paused: _Paused) -> None:
+        paused.streamer._check_alive(time.monotonic())  # clients that left, deadlines passed while it waited
+        if not paused.jobs:
+            self._finish_batch(paused.batch, paused.streamer, None, paused.started)
+            return
+        self._counts["resumed"] += 1
+        self._slice(paused)
+
+    def _slice(self, run: _Paused) -> None:
+        """Run the batch until it is done, fails, or yields (then it waits in the queue, paused)."""
+        streamer, state, opts = run.streamer, run.state, run.options
         stop = threading.Event()
+        streamer.stop, streamer.prompt_seen, streamer.yielded = stop, False, False
+        prompt_left = 0 if state.generated else state.ids.shape[1] - state.prefilled
+        streamer.should_yield = self._yield_check(run.batch, streamer, opts, state.generated, time.monotonic(),
+                                                  prompt_left)
         with self._cv:
             self._stop_current = stop
             if self._closed:
                 stop.set()
-        started = time.monotonic()
-        mask = encode_prompts(self.lm, prompts, opts.chat)["attention_mask"]
-        streamer = _BatchStreamer(self.lm.tokenizer, slots, self._eos, stop, mask.sum(dim=1).tolist(),
-                                  started, len(batch))
-        self._batch_sizes.append((len(batch), len(slots)))
-        self._counts["batches"] += 1
-        self._counts["jobs"] += len(batch)
         error: BaseException | None = None
+        t0, before = time.monotonic(), state.generated
         try:
-            generate(self.lm, prompts, steering, options=opts, streamer=streamer, cancel=stop, report=streamer.report)
-        except Exception as exc:  # reported to every job of the batch
+            if state.generated == 0:  # a long prompt: prefill in chunks, yielding between them if asked
+                state = slices.prefill(self.lm, state, run.steering, opts,
+                                       keep_going=lambda: self._keep_prefilling(streamer, stop))
+                t0 = time.monotonic()
+            if not stop.is_set():
+                state = slices.run(self.lm, state, run.steering, opts, streamer=streamer, stop=stop,
+                                   max_new_tokens=opts.max_new_tokens - state.generated, report=streamer.report)
+        except Exception as exc:  # reported to the jobs of the batch (alone, see below)
             log.exception("runner: generation failed")
             error = exc
         finally:
             with self._cv:
                 self._stop_current = None
-        streamer.close(error)
+                closed = self._closed
+        if error is None and state.generated - before >= 4:  # the prefill step is in there: enough steps to tell
+            step = (time.monotonic() - t0) / (state.generated - before)
+            self._step_s = 0.7 * self._step_s + 0.3 * step
+        if (error is None and not closed and streamer.yielded and run.jobs
+                and state.generated < opts.max_new_tokens):
+            with self._cv:
+                self._pending.append(replace(run, state=state))
+                self._cv.notify_all()
+            self._counts["yielded"] += 1
+            return
+        if error is not None and len(run.batch) > 1 and not _is_oom(error):
+            untouched = [j for j in run.batch if not j.finished and j not in streamer.first_token]
+            if len(untouched) == len(run.batch):  # failed before any token: find the job it belongs to
+                log.warning("runner: a batch of %d jobs failed (%s); retrying each alone", len(run.batch),
+                            type(error).__name__)
+                for job in run.batch:
+                    if self._usable(job):
+                        self._run_batch([job])
+                return
+        if closed and error is None:  # stopped by shutdown(): the text is cut short, not finished
+            error = Busy("the server is shutting down; retry against the restarted server", retry_after=5)
+        self._finish_batch(run.batch, streamer, error, run.started)
+
+    @staticmethod
+    def _keep_prefilling(streamer: _BatchStreamer, stop: threading.Event) -> bool:
+        """Between prefill chunks: the same checks a decode step makes (client, deadline, yielding)."""
+        streamer._check_alive(time.monotonic())
+        if all(job.finished for job in streamer.jobs):
+            stop.set()
+        elif not stop.is_set() and streamer.should_yield is not None and streamer.should_yield():
+            streamer.yielded = True
+            stop.set()
+        return not stop.is_set()
+
+    def _finish_batch(self, batch: list[GenJob], streamer: _BatchStreamer | None, error: BaseException | None,
+                      started: float) -> None:
+        if error is not None and not isinstance(error, Busy):
+            log.error("runner: generation failed: %s: %s", type(error).__name__, _short(error))
+        if streamer is None:
+            for job in batch:
+                job.end(Failed(error))
+        else:
+            streamer.close(error)
         for job in batch:
-            if job.cancel.is_set():
-                self._counts["cancelled"] += 1
+            self._count(job)
         self._batch_secs.append(time.monotonic() - started)
 
     def _run_call(self, item: _Call) -> None:
@@ -424,8 +622,26 @@ class Runner:
         except BaseException as exc:  # the caller reads it from the future
             item.future.set_exception(exc)
 
-    def _fail(self, item: GenJob | _Call, error: BaseException) -> None:
+    def _fail(self, item: GenJob | _Call | _Paused, error: BaseException) -> None:
         if isinstance(item, GenJob):
             item.end(Failed(error))
+        elif isinstance(item, _Paused):
+            for job in item.batch:
+                job.end(Failed(error))
         elif item.future.set_running_or_notify_cancel():
             item.future.set_exception(error)
+
+
+def _is_oom(error: BaseException) -> bool:
+    """Out of memory, on an accelerator or the CPU (torch's CPU allocator raises a RuntimeError)."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc"))
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    text = str(error).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."

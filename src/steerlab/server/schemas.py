@@ -16,6 +16,7 @@ from ..errors import PersonaError
 from ..personas import NAME_PATTERN, check_name
 from ..spec import DOSE_LIMIT
 from .limits import (
+    MAX_CONTENT_PARTS,
     MAX_CONTRAST_CHARS,
     MAX_CONTRAST_TEXTS,
     MAX_LAYERS_PER_ENTRY,
@@ -30,7 +31,7 @@ NO_STEERING = {"", "none", "base"}  # the seed's page sent "none" for the unstee
 
 VectorName = Annotated[str, StringConstraints(pattern=NAME_PATTERN.pattern)]
 Strength = Annotated[float, Field(ge=-STRENGTH_LIMIT, le=STRENGTH_LIMIT)]
-Layer = Annotated[int, Field(ge=0, le=4095)]
+Layer = Annotated[int, Field(ge=0, le=4095, strict=True)]  # strict: JSON true is not layer 1
 Dose = Annotated[float, Field(ge=-DOSE_LIMIT, le=DOSE_LIMIT)]
 OperatorName = Literal["add", "add_norm", "target", "cap", "rotate"]
 ReadNames = Annotated[list[VectorName] | None, Field(
@@ -162,7 +163,19 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] = Field(description="Text, or a list of {type: text, text} parts.")
+    content: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | Annotated[
+        list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)] = Field(
+        description=f"Text (at most {MAX_PROMPT_CHARS} characters), or a list of {{type: text, text}} parts "
+                    "(together at most as long).")
+
+    @field_validator("content")
+    @classmethod
+    def _bounded(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            size = sum(len(p["text"]) for p in v if isinstance(p, dict) and isinstance(p.get("text"), str))
+            if size > MAX_PROMPT_CHARS:
+                raise ValueError(f"the text parts hold {size} characters; at most {MAX_PROMPT_CHARS} per message")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, str):

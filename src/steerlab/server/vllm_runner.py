@@ -77,11 +77,15 @@ class VLLMRunner:
         if self.engine is None:
             self.engine = self._make_engine()
 
-    def close(self) -> None:
-        """Refuse new work, stop running jobs, stop vLLM."""
+    def shutdown(self) -> None:
+        """Refuse new work and stop running jobs (they answer 503); never blocks (a signal handler calls it)."""
         self._closed = True
         for task in list(self._tasks):
             task.get_loop().call_soon_threadsafe(task.cancel)
+
+    def close(self) -> None:
+        """Refuse new work, stop running jobs, stop vLLM."""
+        self.shutdown()
         self._builds.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.close()

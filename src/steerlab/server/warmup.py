@@ -88,6 +88,12 @@ class WarmingUp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    def shutdown_runner(self) -> None:
+        """On a stop signal: let the loaded app's runner answer in-flight requests (503) first."""
+        runner = getattr(getattr(self.app, "state", None), "runner", None)
+        if runner is not None and hasattr(runner, "shutdown"):
+            runner.shutdown()
+
     def _run_load(self, loop: asyncio.AbstractEventLoop, scope) -> None:  # noqa: ANN001
         try:
             app = self._load(self.note)
