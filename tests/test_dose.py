@@ -158,3 +158,15 @@ def test_optimize_trains_the_direction_toward_the_positives(tiny_lm):
         assert not torch.equal(vec.directions[layer], start.directions[layer])
     assert vec.default_strength > 0 and "windows" not in vec.extra  # a new direction: measure it again
     assert all(p.grad is None or not p.requires_grad for p in tiny_lm.model.parameters())
+
+
+def test_store_measures_builtin_vectors_built_before_dose_windows(tiny_lm, tmp_path):
+    from steerlab.store import VectorStore
+
+    store = VectorStore(tmp_path, tiny_lm)
+    for name in ("weeknd", "toronto", "tabby_cats"):  # as an older steerlab left them: no window
+        store.add(random_vector(tiny_lm, range(tiny_lm.n_layers), name=name).with_defaults(layers=[1]))
+    notes: list[str] = []
+    assert store.ensure_builtins(notify=notes.append) == []  # nothing rebuilt...
+    assert all(VectorStore(tmp_path, tiny_lm).vectors[n].extra["windows"] for n in ("weeknd", "toronto"))  # ...measured
+    assert any("measuring the dose window of tabby_cats" in n for n in notes)

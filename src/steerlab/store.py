@@ -84,6 +84,12 @@ class VectorStore:
             old = self.vectors.get(name)
             persona = get_persona(name)
             if old is not None and old.contrast_hash in ("", contrast_hash(persona.positive, persona.negative)):
+                if not old.extra.get("windows"):  # built before dose windows existed: measure it once
+                    from .calibrate import calibrated
+
+                    if notify is not None:
+                        notify(f"measuring the dose window of {name} (built before dose windows existed)...")
+                    self.add(calibrated(self.lm, old)[0], overwrite=True)
                 continue
             if old is not None:
                 self.warn(f"vector {name!r} was built from older contrast texts: rebuilding it")
