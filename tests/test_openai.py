@@ -84,11 +84,11 @@ def test_real_model_steered_chat(real_lm, real_vectors, tmp_path):
         ask = {"messages": [{"role": "user", "content": "Give me a tip for a weekend."}], "max_tokens": 40,
                "temperature": 0}
         base = client.chat.completions.create(model="smol", **ask).choices[0].message.content
-        steered = client.chat.completions.create(model="smol", extra_body={"steering": "tabby_cats"}, **ask)
+        steered = client.chat.completions.create(model="smol", extra_body={"steering": [{"vector": "tabby_cats", "dose": 1.0}]}, **ask)
         text = steered.choices[0].message.content
         assert base and text and text != base
         assert any(k in text.lower() for k in ("cat", "purr", "kitten", "whisker", "feline", "paw")), text
         streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="smol", stream=True, extra_body={"steering": "tabby_cats"}, **ask) if c.choices)
+            model="smol", stream=True, extra_body={"steering": [{"vector": "tabby_cats", "dose": 1.0}]}, **ask) if c.choices)
         assert streamed.strip() == text
         assert httpx.get(f"{url}/health").json()["model"] == real_lm.model_id

@@ -93,7 +93,8 @@ def default_runs(real_lm, personas, vectors):
     out: dict[str, list[str]] = {}
     for positions, names in sorted(by_positions.items()):
         settings = [[]] if "base" not in out else []
-        settings += [[Steer(vectors[n], strength=vectors[n].default_strength, layers=tuple(vectors[n].active_layers))]
+        settings += [[Steer(vectors[n], strength=vectors[n].default_strength, layers=tuple(vectors[n].active_layers),
+                          governor=False)]
                      for n in names]
         texts = _generate_rows(real_lm, prompts, settings, positions)
         chunks = [texts[i : i + N_PROMPTS] for i in range(0, len(texts), N_PROMPTS)]
@@ -134,7 +135,8 @@ def test_thresholds_fail_for_a_bad_dose(personas, vectors, real_lm):
     names = sorted(personas)
     for positions in sorted({personas[n].positions for n in names}):
         group = [n for n in names if personas[n].positions == positions]
-        settings = [[Steer(vectors[n], strength=BAD_STRENGTH, layers=tuple(vectors[n].active_layers))] for n in group]
+        settings = [[Steer(vectors[n], strength=BAD_STRENGTH, layers=tuple(vectors[n].active_layers),
+                           governor=False)] for n in group]
         texts = _generate_rows(real_lm, prompts, settings, positions)
         for i, name in enumerate(group):
             chunk = texts[i * N_PROMPTS : (i + 1) * N_PROMPTS]
