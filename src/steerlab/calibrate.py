@@ -175,7 +175,8 @@ def _score(lm, vec: SteeringVector, layers: Sequence[int], ids: torch.Tensor, ma
 def calibrate(lm, vec: SteeringVector, *, operator: str = "add", layers: Sequence[int] | None = None,  # noqa: ANN001
               prompts: Sequence[str] | None = None, strengths: Sequence[float] | None = None,
               repetition_penalty: float = 1.2, governor: bool = False, embedder=None,  # noqa: ANN001
-              reference: float | None = None, progress: Callable[[str], None] | None = None) -> Window:
+              reference: float | None = None, statistics: tuple[dict, dict] | None = None,
+              progress: Callable[[str], None] | None = None) -> Window:
     """Measure the dose window of ``vec`` under ``operator`` at ``layers`` (default: its active layers)."""
     if operator not in OPERATORS:
         raise SteeringError(f"unknown operator {operator!r}: use one of {', '.join(OPERATORS)}")
@@ -183,7 +184,7 @@ def calibrate(lm, vec: SteeringVector, *, operator: str = "add", layers: Sequenc
     use = tuple(layers) if layers else tuple(vec.active_layers)
     prompts = list(prompts or neutral_prompts(CALIBRATION_PROMPTS))
     rungs = list(strengths or ladder(operator, len(use)))
-    means, sds = neutral_statistics(lm, vec, prompts)
+    means, sds = statistics or neutral_statistics(lm, vec, prompts)  # measure() passes them: one pass per vector
     vec = with_statistics(vec, means, sds)
     opts = GenerationOptions(max_new_tokens=NEW_TOKENS, repetition_penalty=repetition_penalty)
     rows: list[list[Steer]] = [[]] * len(prompts)
@@ -247,7 +248,7 @@ def measure(lm, vec: SteeringVector, *, operators: Sequence[str] | None = None, 
     windows = []
     for op in ops:
         w = calibrate(lm, vec, operator=op, layers=layers, governor=governor, embedder=embedder, reference=reference,
-                      progress=progress)
+                      statistics=(means, sds), progress=progress)
         windows.append(w)
         vec = with_window(vec, w)
     if "governor" not in vec.extra:  # a vector's first calibration decides its governor default
