@@ -131,3 +131,18 @@ def real_server(real_lm, real_vectors, tmp_path_factory):
         store.add(vec)
     with serve_in_thread(create_app(real_lm, store)) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def slow_lm(tiny_dir, one_torch_thread):
+    """The tiny model with every forward pass slowed to ``SLOW_STEP_S``, so scheduling shows in time."""
+    import time
+
+    from helpers import SLOW_STEP_S
+
+    from steerlab.models import load_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    handle = lm.model.register_forward_pre_hook(lambda module, args: time.sleep(SLOW_STEP_S))
+    yield lm
+    handle.remove()

@@ -73,3 +73,6 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float 
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+SLOW_STEP_S = 0.03  # the slow_lm fixture's time per forward pass (conftest)

@@ -18,21 +18,13 @@ import httpx
 import pytest
 
 from steerlab import GenerationOptions
-from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
 from steerlab.server.background import serve_in_thread
 from steerlab.server.runner import Delta, Done, Failed, GenJob, JobTimeout, Runner
 from steerlab.store import VectorStore
 
-STEP_S = 0.03  # the slow model's time per forward pass
+from helpers import SLOW_STEP_S as STEP_S  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def slow_lm(tiny_dir, one_torch_thread):
-    lm = load_model(str(tiny_dir), device="cpu")
-    handle = lm.model.register_forward_pre_hook(lambda module, args: time.sleep(STEP_S))
-    yield lm
-    handle.remove()
 
 
 def _job(prompt: str, n: int, penalty: float = 1.2, timeout_s: float = 60.0, tokens: int = 4):

@@ -15,21 +15,13 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
 from steerlab.server.background import serve_in_thread
 from steerlab.server.serving import RepeatFilter, make_server
 from steerlab.store import VectorStore
 
-STEP_S = 0.03
+from helpers import SLOW_STEP_S as STEP_S  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def slow_lm(tiny_dir, one_torch_thread):
-    lm = load_model(str(tiny_dir), device="cpu")
-    handle = lm.model.register_forward_pre_hook(lambda module, args: time.sleep(STEP_S))
-    yield lm
-    handle.remove()
 
 
 def _app(lm, folder, **settings):  # noqa: ANN001, ANN202
