@@ -68,14 +68,19 @@ def score_rows(lm, emb, prompts, settings, *, persona, penalty, new_tokens, batc
     return out
 
 
-def evaluate(lm, emb, name: str, persona, prompts, new_tokens: int) -> dict:  # noqa: ANN001
+def evaluate(lm, emb, name: str, persona, prompts, new_tokens: int, windows: dict | None = None) -> dict:  # noqa: ANN001
     t = time.perf_counter()
     vec = build_persona(lm, persona, progress=False)
     built_s = time.perf_counter() - t
     res: dict = {"concept": name, "build_s": round(built_s, 1)}
-    _, (old,) = calibrated(lm, vec, governor=False, embedder=emb)
-    vec, (new,) = calibrated(lm, vec, governor=True, embedder=emb)
-    res["window_before"], res["window_after"] = old.record(), new.record()
+    if windows is None:
+        _, (old,) = calibrated(lm, vec, governor=False, embedder=emb)
+        vec, (new,) = calibrated(lm, vec, governor=True, embedder=emb)
+        res["window_before"], res["window_after"] = old.record(), new.record()
+    else:  # windows measured by an earlier run (calibration is greedy: the same vector gives the same window)
+        res["window_before"], res["window_after"] = windows["window_before"], windows["window_after"]
+        res["windows_from"] = windows["from"]
+        vec = vec.with_defaults(windows={"add+governor": windows["window_after"]}, governor=True)
     settings = [[]]
     settings.append([Steer(vec, strength=persona.default_strength, governor=False)])  # today's default
     settings += [[Steer(vec, dose=d, governor=True)] for d in DOSES]
@@ -102,7 +107,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "dose_results.json"))
+    ap.add_argument("--windows-from", default=None, help="reuse the windows measured by an earlier run's json")
     args = ap.parse_args()
+    earlier = {}
+    if args.windows_from:
+        earlier = {r["concept"]: {**r, "from": args.windows_from} for r in json.loads(Path(args.windows_from).read_text())}
     torch.set_num_threads(args.threads)
     lm = load_model()
     emb = default_embedder()
@@ -114,7 +123,7 @@ def main() -> None:
     results = []
     for name in names:
         persona = get_persona(str(heldout[name]) if name in heldout else name)
-        r = evaluate(lm, emb, name, persona, prompts, args.new_tokens)
+        r = evaluate(lm, emb, name, persona, prompts, args.new_tokens, earlier.get(name))
         r["held_out_concept"] = name in heldout
         results.append(r)
         print(json.dumps({k: r[k] for k in ("concept", "window_before", "window_after")}, default=str)[:600], flush=True)

@@ -13,26 +13,30 @@ from steerlab import GenerationOptions, Steer, SteeringError, generate
 from steerlab.calibrate import Window, _crossing, calibrate, with_window
 from steerlab.cli import parse_steer
 from steerlab.governor import Governor, _loops
-from steerlab.spec import resolve
+from steerlab.spec import DOSE_FLOOR, blend_push, dose_strength, resolve, resolve_rows, strength_dose
 
 GREEDY = GenerationOptions(max_new_tokens=6)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def windowed(lm, *, max_strength=2.0, layers=(1, 2), governor=False):
-    """A random vector whose 'add' window says dose 1 = ``max_strength`` at ``layers``."""
+def windowed(lm, *, max_strength=2.0, onset=1.0, layers=(1, 2), governor=False):
+    """A random vector whose 'add' window says: concept from ``onset``, dose 1 = ``max_strength``."""
     vec = random_vector(lm, range(lm.n_layers)).with_defaults(layers=list(layers))
     key = "add+governor" if governor else "add"
-    return vec.with_defaults(windows={key: {"layers": list(layers), "max_strength": max_strength}},
+    return vec.with_defaults(windows={key: {"layers": list(layers), "onset": onset, "max_strength": max_strength}},
                              governor=governor)
 
 
 def test_dose_maps_linearly_onto_the_window(tiny_lm):
-    vec = windowed(tiny_lm)
-    for dose in (0.0, 0.35, 1.0, 1.4):
-        assert resolve(Steer(vec, dose=dose), tiny_lm.n_layers).strength == pytest.approx(2.0 * dose)
+    vec = windowed(tiny_lm)  # lo = half the onset = 0.5, top = 2.0
+    for dose, want in ((0.0, 0.0), (0.35, 0.5 + 0.35 * 1.5), (1.0, 2.0), (1.4, 0.5 + 1.4 * 1.5), (-0.5, -1.25)):
+        assert resolve(Steer(vec, dose=dose), tiny_lm.n_layers).strength == pytest.approx(want)
     r = resolve(Steer(vec), tiny_lm.n_layers)  # a calibrated vector's default is a dose
-    assert r.dose == pytest.approx(0.7) and r.strength == pytest.approx(1.4)
+    assert r.dose == pytest.approx(0.7) and r.strength == pytest.approx(0.5 + 0.7 * 1.5)
+    # no onset measured (the concept never showed): the slider starts at half of dose 1
+    assert resolve(Steer(windowed(tiny_lm, onset=None), dose=0.5), tiny_lm.n_layers).strength == pytest.approx(1.5)
+    # the inverse, as the sweep uses it to store its pick as a dose
+    assert strength_dose(vec.extra["windows"]["add"], 0.5 + 0.4 * 1.5) == pytest.approx(0.4)
     assert resolve(Steer(vec, strength=0.3), tiny_lm.n_layers).dose is None  # strength still works
 
 
@@ -63,7 +67,7 @@ def test_dose_zero_is_unsteered_and_dose_changes_output(tiny_lm):
 def test_a_governed_window_falls_back_with_a_note(tiny_lm):
     vec = windowed(tiny_lm, governor=True)
     r = resolve(Steer(vec, dose=0.5, governor=False), tiny_lm.n_layers)
-    assert r.strength == pytest.approx(1.0) and "measured with the governor" in r.note
+    assert r.strength == pytest.approx(1.25) and "measured with the governor" in r.note
 
 
 def test_crossing_interpolates_on_a_log_scale():
@@ -85,7 +89,10 @@ def test_calibrate_measures_a_ladder_and_stores_the_window(tiny_lm):
     stored = with_window(vec, w)
     assert stored.extra["windows"]["add"]["max_strength"] == pytest.approx(w.max_strength, rel=1e-3)
     r = resolve(Steer(stored, dose=0.5), tiny_lm.n_layers)
-    assert r.strength == pytest.approx(0.5 * stored.extra["windows"]["add"]["max_strength"])
+    stored_w = stored.extra["windows"]["add"]
+    assert r.strength == pytest.approx(dose_strength(stored_w, 0.5))
+    top, lo = stored_w["max_strength"], DOSE_FLOOR * min(stored_w["onset"] or stored_w["max_strength"], stored_w["max_strength"])
+    assert r.strength == pytest.approx(lo + 0.5 * (top - lo), rel=1e-3)
 
 
 def test_governor_lowers_breaking_rows_and_restores_them():
@@ -170,3 +177,16 @@ def test_store_measures_builtin_vectors_built_before_dose_windows(tiny_lm, tmp_p
     assert store.ensure_builtins(notify=notes.append) == []  # nothing rebuilt...
     assert all(VectorStore(tmp_path, tiny_lm).vectors[n].extra["windows"] for n in ("weeknd", "toronto"))  # ...measured
     assert any("measuring the dose window of tabby_cats" in n for n in notes)
+
+
+def test_a_blend_that_pushes_too_hard_says_so(tiny_lm):
+    a, b = windowed(tiny_lm), windowed(tiny_lm)  # dose 1 = strength 2.0 at layers 1, 2
+    (row,) = resolve_rows([[Steer(a, dose=0.3), Steer(b, dose=0.3)]], tiny_lm.n_layers)
+    assert blend_push(row) == pytest.approx(2 * (0.5 + 0.3 * 1.5) / 2.0) and all(not r.note for r in row)
+    (row,) = resolve_rows([[Steer(a, dose=1.0), Steer(b, dose=1.0)]], tiny_lm.n_layers)
+    assert blend_push(row) == pytest.approx(2.0) and all("blend: together the 2 entries push 2.00x" in r.note for r in row)
+    # a single entry is never flagged, and unmeasured parts (a strength) do not count
+    (row,) = resolve_rows([[Steer(a, dose=1.4)]], tiny_lm.n_layers)
+    assert not row[0].note
+    (row,) = resolve_rows([[Steer(a, dose=1.0), Steer(random_vector(tiny_lm, [1]), strength=5.0)]], tiny_lm.n_layers)
+    assert blend_push(row) == pytest.approx(1.0) and not row[0].note

@@ -92,7 +92,7 @@ class Window:
         r = lambda x: None if x is None else round(float(x), 5)  # noqa: E731
         return {
             "layers": list(self.layers), "onset": r(self.onset), "breakdown": r(self.breakdown),
-            "max_strength": r(self.max_strength), "width": r(self.width), "mapping": "strength = dose x max_strength",
+            "max_strength": r(self.max_strength), "width": r(self.width), "mapping": "strength = lo + dose x (max_strength - lo), lo = 0.5 min(onset, max_strength)",
             "ladder": [r(x.strength) for x in self.rungs], "concept": [r(x.concept) for x in self.rungs],
             "reading": [r(x.reading) for x in self.rungs], "fluency": [r(x.fluency) for x in self.rungs],
             "concept_measure": self.concept_measure, "governor": self.governor, "prompts": len(self.base_replies),

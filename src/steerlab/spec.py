@@ -20,9 +20,10 @@ typical residual norm, ``b_l`` the typical projection of neutral text on ``u``, 
 
 ``target``, ``cap`` and ``rotate`` leave attention-sink tokens (norm above ``SINK_RATIO x n_l``) alone.
 
-Dose: ``dose`` in ``[0, 1]`` maps linearly onto the vector's measured window for the operator,
-``strength = dose x max_strength`` (see :mod:`steerlab.calibrate`): 0 is no effect, 1 the strongest
-strength that kept the text fluent when it was measured, past 1 the text is expected to break.
+Dose: ``dose`` in ``[0, 1]`` maps linearly onto the vector's measured window for the operator
+(see :mod:`steerlab.calibrate` and :func:`dose_strength`): 0 is no effect, a small dose starts at
+half the measured onset (just below where the concept shows), 1 is the strongest strength that
+kept the text fluent when it was measured, past 1 the text is expected to break.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ DOSE_LIMIT = 3.0  # doses past 1 are allowed (to see the text break) up to this
 DEFAULT_OPERATOR = "add"
 DEFAULT_GOVERNOR = False  # for vectors never calibrated; calibration turns it on (docs/dose.md)
 DEFAULT_DOSE = 0.7  # what a calibrated vector applies when no amount is given
+BLEND_LIMIT = 1.5  # summed push of a blend's parts (1 = one vector at dose 1) past which it is flagged; bench/blend_eval.py
+DOSE_FLOOR = 0.5  # a dose just above 0 starts at this fraction of the onset (measured: below it nothing shows)
 
 
 @dataclass(frozen=True)
@@ -154,9 +157,34 @@ def default_dose(vector: SteeringVector) -> float:
     return float(vector.extra.get("default_dose", DEFAULT_DOSE))
 
 
+def dose_strength(w: dict, dose: float) -> float:
+    """Strength for ``dose`` in a stored window: 0 at dose 0, then linear from ``lo`` to ``max_strength``.
+
+    ``lo = DOSE_FLOOR x min(onset, max_strength)``: a linear map from 0 spent most of the slider
+    below the onset (measured: doses 0-0.6 showed nothing), so the slider starts just below it.
+    Negative doses mirror positive ones; past 1 the line continues (into the breaking zone).
+    """
+    top = float(w["max_strength"])
+    onset = w.get("onset")
+    lo = DOSE_FLOOR * (min(float(onset), top) if onset is not None else top)
+    if dose == 0:
+        return 0.0
+    d = abs(dose)
+    return (lo + d * (top - lo)) * (1 if dose > 0 else -1)
+
+
+def strength_dose(w: dict, strength: float) -> float:
+    """The inverse of :func:`dose_strength` for a positive strength (clamped to 0.05..1)."""
+    top = float(w["max_strength"])
+    onset = w.get("onset")
+    lo = DOSE_FLOOR * (min(float(onset), top) if onset is not None else top)
+    d = (strength - lo) / (top - lo) if top > lo else 1.0
+    return round(min(1.0, max(0.05, d)), 3)
+
+
 def dose_to_strength(vector: SteeringVector, operator: str, dose: float, layers: Sequence[int],
                      governor: bool = False) -> tuple[float, str]:
-    """``dose x max_strength`` of the window; rescaled by layer count when ``layers`` differ."""
+    """:func:`dose_strength` of the window; rescaled by layer count when ``layers`` differ."""
     w = window(vector, operator, governor)
     fallback = ""
     if w is None and not governor and window(vector, operator, True) is not None:
@@ -169,7 +197,7 @@ def dose_to_strength(vector: SteeringVector, operator: str, dose: float, layers:
             f"{vector.name} has no measured dose window for operator {operator!r}"
             f"{' with the governor' if governor else ''}: run `steerlab calibrate {vector.name} --operator "
             f"{operator}{flag}` (or give a strength)")
-    strength = dose * float(w["max_strength"])
+    strength = dose_strength(w, dose)
     cal_layers = [int(x) for x in w["layers"]]
     note = ""
     if sorted(layers) != sorted(cal_layers):
@@ -232,9 +260,35 @@ def _term(vec: SteeringVector, layer: int, op: str, strength: float | None, scal
     return Term(layer, op, unit, float(strength) * n, base, n, pos)
 
 
+def push(r: Resolved) -> float | None:
+    """How hard an entry pushes, in units of its vector's dose 1 (None: no measured window)."""
+    w = window(r.steer.vector, r.operator, r.governor) or window(r.steer.vector, r.operator, not r.governor)
+    if w is None or r.strength is None or not w.get("max_strength"):
+        return None
+    return abs(float(r.strength)) * len(r.layers) / (float(w["max_strength"]) * len(w["layers"]))
+
+
+def blend_push(row: Sequence[Resolved]) -> float:
+    """The summed push of a row's measured entries (1.0 = one vector at dose 1)."""
+    return sum(p for r in row if (p := push(r)) is not None)
+
+
+def check_blend(row: list[Resolved]) -> list[Resolved]:
+    """Blends: each part keeps its own dose; when the parts together push past ``BLEND_LIMIT``
+    (measured, bench/blend_eval.py), every entry's note says so."""
+    if len(row) < 2:
+        return row
+    total = blend_push(row)
+    if total <= BLEND_LIMIT:
+        return row
+    warn = (f"blend: together the {len(row)} entries push {total:.2f}x one vector's dose 1; measured, blends past "
+            f"{BLEND_LIMIT:g} lose fluency (lower the doses)")
+    return [replace(r, note="; ".join(x for x in (r.note, warn) if x)) for r in row]
+
+
 def resolve_rows(rows: Sequence[Sequence[SteerLike]], n_layers: int, **defaults: object) -> list[list[Resolved]]:
-    """:func:`resolve` for every entry of every row."""
-    return [[resolve(item, n_layers, **defaults) for item in row] for row in rows]  # type: ignore[arg-type]
+    """:func:`resolve` for every entry of every row, with the blend check."""
+    return [check_blend([resolve(item, n_layers, **defaults) for item in row]) for row in rows]  # type: ignore[arg-type]
 
 
 def with_dose(st: Steer, dose: float) -> Steer:

@@ -247,13 +247,14 @@ def _refine_window(lm, vec, best, embedder):  # noqa: ANN001, ANN202
     """Measure the dose window at the chosen layers and make the chosen strength the default dose,
     so that a persona's default and the sweep's pick are one setting."""
     from .calibrate import calibrated, describe_window
-    from .spec import window, window_key
+    from .spec import strength_dose, window, window_key
 
     op = vec.extra["operator"]
     vec, (w,) = calibrated(lm, vec, operators=[op], layers=best.layers, governor=False, embedder=embedder)
     click.echo(describe_window(w))
-    top = window(vec, op, False)["max_strength"]
-    dose = round(min(1.0, max(0.05, best.strength / top)), 3) if top else 0.7
+    stored = window(vec, op, False)
+    top = stored["max_strength"]
+    dose = strength_dose(stored, best.strength) if top else 0.7
     click.echo(f"the chosen strength {best.strength:g} is dose {dose} of this window"
                + (" (capped at 1: the pick is past the measured fluent limit)" if best.strength > top else ""))
     return vec.with_defaults(governor=False, default_dose=dose, sweep={**vec.extra["sweep"], "window": window_key(op, False)})
