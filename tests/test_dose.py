@@ -12,7 +12,8 @@ from helpers import random_vector
 from steerlab import GenerationOptions, Steer, SteeringError, generate
 from steerlab.calibrate import Window, _crossing, calibrate, with_window
 from steerlab.cli import parse_steer
-from steerlab.governor import Governor, _loops
+from steerlab.generate import governor_for
+from steerlab.governor import HIGH, HIGH_MARGIN, LOW, LOW_MARGIN, Governor, _loops
 from steerlab.spec import DOSE_FLOOR, blend_push, dose_strength, resolve, resolve_rows, strength_dose
 
 GREEDY = GenerationOptions(max_new_tokens=6)
@@ -83,6 +84,8 @@ def test_calibrate_measures_a_ladder_and_stores_the_window(tiny_lm):
     w = calibrate(tiny_lm, vec, strengths=[0.5, 2.0, 8.0, 32.0], prompts=["the cat", "a dog ran"])
     assert isinstance(w, Window) and [r.strength for r in w.rungs] == [0.5, 2.0, 8.0, 32.0]
     assert w.layers == (1, 2) and w.concept_measure == "reading" and len(w.base_replies) == 2
+    # the tiny random model is unsure of everything: its unsteered entropy is near log(vocab)
+    assert w.base_entropy is not None and w.base_entropy > 0.5 * math.log(tiny_lm.model.config.vocab_size)
     assert all(0.0 <= r.fluency <= 1.0 for r in w.rungs)
     # the window's dose 1 is never past a measured breakdown
     assert w.breakdown is None or w.max_strength <= w.breakdown
@@ -190,3 +193,13 @@ def test_a_blend_that_pushes_too_hard_says_so(tiny_lm):
     assert not row[0].note
     (row,) = resolve_rows([[Steer(a, dose=1.0), Steer(random_vector(tiny_lm, [1]), strength=5.0)]], tiny_lm.n_layers)
     assert blend_push(row) == pytest.approx(1.0) and not row[0].note
+
+
+def test_governor_thresholds_follow_the_models_measured_entropy(tiny_lm):
+    gov = Governor.for_model([True], 3.1, device=torch.device("cpu"), dtype=torch.float32)
+    assert (gov.high, gov.low) == pytest.approx((3.1 + HIGH_MARGIN, 3.1 + LOW_MARGIN))
+    plain = Governor.for_model([True], None, device=torch.device("cpu"), dtype=torch.float32)
+    assert (plain.high, plain.low) == (HIGH, LOW)
+    vec = windowed(tiny_lm, governor=True).with_defaults(base_entropy=6.0)
+    rows = resolve_rows([[Steer(vec, dose=1.0)], []], tiny_lm.n_layers)
+    assert governor_for(tiny_lm, rows, 2).high == pytest.approx(6.0 + HIGH_MARGIN)

@@ -34,6 +34,7 @@ from .cpu_matmul import decode_matmuls
 from .errors import SteeringError
 from .evaluate import DEFAULT_REFERENCE, concept_component, fluency_component, neutral_prompts, repeated_ngram_rate
 from .generate import GenerationOptions, encode_prompts, generation_kwargs, governor_for
+from .governor import Governor
 from .hooks import capture, steer
 from .spec import DEFAULT_OPERATOR, OPERATORS, Steer, resolve_rows, window_key
 from .vectors import SteeringVector
@@ -78,6 +79,7 @@ class Window:
     seconds: float
     concept_measure: str  # "embedder" (the sweep's C) or "reading"
     governor: bool
+    base_entropy: float | None = None  # the unsteered replies' mean next-token entropy (nats): the governor's reference
 
     @property
     def width(self) -> float | None:
@@ -96,7 +98,7 @@ class Window:
             "ladder": [r(x.strength) for x in self.rungs], "concept": [r(x.concept) for x in self.rungs],
             "reading": [r(x.reading) for x in self.rungs], "fluency": [r(x.fluency) for x in self.rungs],
             "concept_measure": self.concept_measure, "governor": self.governor, "prompts": len(self.base_replies),
-            "new_tokens": NEW_TOKENS, "seconds": round(self.seconds, 1),
+            "new_tokens": NEW_TOKENS, "seconds": round(self.seconds, 1), "base_entropy": r(self.base_entropy),
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
@@ -134,19 +136,21 @@ def neutral_statistics(lm, vec: SteeringVector, prompts: Sequence[str], *, chat:
 
 
 @torch.no_grad()
-def _replies(lm, prompts: list[str], rows: list[list[Steer]], opts: GenerationOptions) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Greedy replies of every row in one batch: (ids incl. prompt, reply-token mask, prompt width)."""
+def _replies(lm, prompts: list[str], rows: list[list[Steer]], opts: GenerationOptions  # noqa: ANN001
+             ) -> tuple[torch.Tensor, torch.Tensor, int, list[float]]:
+    """Greedy replies of every row in one batch: (ids incl. prompt, reply-token mask, prompt width,
+    mean next-token entropy per row)."""
     enc = encode_prompts(lm, prompts, opts.chat)
     resolved = resolve_rows(rows, lm.n_layers)
     gov = governor_for(lm, resolved, len(prompts))
-    extra = {"logits_processor": LogitsProcessorList([gov])} if gov else {}
+    watch = gov or Governor([False] * len(prompts), device=lm.device, dtype=lm.dtype)  # entropy only
     with steer(lm, resolved, gain=gov.gain if gov else None), decode_matmuls(lm):
-        out = lm.model.generate(**enc, **generation_kwargs(lm, opts), **extra)
+        out = lm.model.generate(**enc, **generation_kwargs(lm, opts), logits_processor=LogitsProcessorList([watch]))
     width = enc["input_ids"].shape[1]
     new = out[:, width:]
     eos = torch.tensor(generation_kwargs(lm, opts)["eos_token_id"], device=out.device)
     ended = torch.isin(new, eos).long().cumsum(-1) > 0
-    return out, torch.cat([enc["attention_mask"].bool(), ~ended], dim=1), width
+    return out, torch.cat([enc["attention_mask"].bool(), ~ended], dim=1), width, watch.mean_entropy()
 
 
 @torch.no_grad()
@@ -193,7 +197,7 @@ def calibrate(lm, vec: SteeringVector, *, operator: str = "add", layers: Sequenc
     batch_prompts = prompts * (len(rungs) + 1)
     if progress:
         progress(f"{vec.name}: {len(rungs)} strengths x {len(prompts)} prompts ({operator}, layers {list(use)})")
-    ids, mask, width = _replies(lm, batch_prompts, rows, opts)
+    ids, mask, width, entropy = _replies(lm, batch_prompts, rows, opts)
     ppl, reading = _score(lm, vec, use, ids, mask, width, means, sds)
     texts = [lm.tokenizer.decode(r[width:][mask[i, width:]], skip_special_tokens=True).strip()
              for i, r in enumerate(ids)]
@@ -218,7 +222,8 @@ def calibrate(lm, vec: SteeringVector, *, operator: str = "add", layers: Sequenc
     if fluent and fluent[0] > max_strength:  # fluency dipped early then recovered: stay below the dip
         max_strength = fluent[0]
     return Window(operator, use, onset, breakdown, max_strength, tuple(out), tuple(texts[:k]),
-                  time.perf_counter() - t0, "embedder" if cos is not None else "reading", governor)
+                  time.perf_counter() - t0, "embedder" if cos is not None else "reading", governor,
+                  round(sum(entropy[:k]) / k, 3))
 
 
 def with_statistics(vec: SteeringVector, means: dict[int, float], sds: dict[int, float]) -> SteeringVector:
@@ -245,6 +250,10 @@ def measure(lm, vec: SteeringVector, *, operators: Sequence[str] | None = None, 
     governor = bool(vec.extra.get("governor", CALIBRATE_WITH_GOVERNOR)) if governor is None else governor
     means, sds = neutral_statistics(lm, vec, neutral_prompts(CALIBRATION_PROMPTS))
     vec = with_statistics(vec, means, sds)
+    if "base_entropy" not in vec.extra:  # first: the governor's thresholds sit above it (governor.py)
+        *_, entropy = _replies(lm, neutral_prompts(CALIBRATION_PROMPTS), [[]] * CALIBRATION_PROMPTS,
+                               GenerationOptions(max_new_tokens=NEW_TOKENS, repetition_penalty=1.2))
+        vec = vec.with_defaults(base_entropy=round(sum(entropy) / len(entropy), 3))
     windows = []
     for op in ops:
         w = calibrate(lm, vec, operator=op, layers=layers, governor=governor, embedder=embedder, reference=reference,
@@ -253,6 +262,7 @@ def measure(lm, vec: SteeringVector, *, operators: Sequence[str] | None = None, 
         vec = with_window(vec, w)
     if "governor" not in vec.extra:  # a vector's first calibration decides its governor default
         vec = vec.with_defaults(governor=governor)
+
     return vec, windows
 
 

@@ -91,7 +91,11 @@ def governor_for(lm, resolved: Sequence[Sequence[Resolved]], n_rows: int) -> Gov
     """A governor for the rows whose entries ask for one (None when no row does)."""
     rows = resolved if len(resolved) == n_rows else [resolved[0]] * n_rows
     governed = [any(r.governor for r in row) for row in rows]
-    return Governor(governed, device=lm.device, dtype=lm.dtype) if any(governed) else None
+    if not any(governed):
+        return None
+    measured = [r.steer.vector.extra.get("base_entropy") for row in rows for r in row if r.governor]
+    base = next((float(e) for e in measured if e is not None), None)
+    return Governor.for_model(governed, base, device=lm.device, dtype=lm.dtype)
 
 
 def generation_kwargs(lm, opts: GenerationOptions) -> dict:  # noqa: ANN001

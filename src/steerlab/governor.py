@@ -24,6 +24,11 @@ from transformers import LogitsProcessor
 
 HIGH = 4.5  # nats: above this moving average the row is breaking
 LOW = 3.5  # nats: below it the row has recovered
+# Models differ in how sure they are of fluent text (unsteered greedy replies to the calibration
+# prompts, penalty 1.2: SmolLM2-135M-Instruct 2.11 nats, Gemma 3 270M base 3.10). A vector whose
+# calibration measured its model's entropy gets thresholds at these margins above it instead.
+HIGH_MARGIN = 2.4
+LOW_MARGIN = 1.4
 DOWN = 0.6
 UP = 0.15
 EMA = 0.5  # weight of the newest step in the moving average
@@ -40,7 +45,21 @@ class Governor(LogitsProcessor):
         self.high, self.low = high, low
         self.ema: torch.Tensor | None = None
         self.gains: list[list[float]] = [[] for _ in rows]
+        self.entropy = torch.zeros(len(rows))  # summed next-token entropy per row (all rows, governed or not)
+        self.steps = 0
         self._prompt_len: int | None = None
+
+    @classmethod
+    def for_model(cls, rows: Sequence[bool], base_entropy: float | None, *, device: torch.device,
+                  dtype: torch.dtype) -> Governor:
+        """Thresholds relative to the model's measured fluent entropy (the fixed ones without it)."""
+        if base_entropy is None:
+            return cls(rows, device=device, dtype=dtype)
+        return cls(rows, device=device, dtype=dtype, high=base_entropy + HIGH_MARGIN, low=base_entropy + LOW_MARGIN)
+
+    def mean_entropy(self) -> list[float]:
+        """Per row, the mean next-token entropy (nats) over the steps seen."""
+        return (self.entropy / max(self.steps, 1)).tolist()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         n = self.gain.shape[0]
@@ -53,6 +72,8 @@ class Governor(LogitsProcessor):
             self.gains[r].append(round(float(g[r]), 3))
         logp = torch.log_softmax(scores.float(), dim=-1)
         h = -(logp.exp() * logp).sum(-1).cpu()
+        self.entropy += h
+        self.steps += 1
         self.ema = h if self.ema is None else EMA * h + (1 - EMA) * self.ema
         loops = _loops(input_ids[:, self._prompt_len :])
         down = (self.ema > self.high) | loops
