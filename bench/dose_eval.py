@@ -77,10 +77,19 @@ def evaluate(lm, emb, name: str, persona, prompts, new_tokens: int, windows: dic
         _, (old,) = calibrated(lm, vec, governor=False, embedder=emb)
         vec, (new,) = calibrated(lm, vec, governor=True, embedder=emb)
         res["window_before"], res["window_after"] = old.record(), new.record()
-    else:  # windows measured by an earlier run (calibration is greedy: the same vector gives the same window)
+    else:  # windows, today's default and the baseline cells from an earlier run (all greedy: the same again)
         res["window_before"], res["window_after"] = windows["window_before"], windows["window_after"]
         res["windows_from"] = windows["from"]
         vec = vec.with_defaults(windows={"add+governor": windows["window_after"]}, governor=True)
+    if windows is not None:  # only the doses changed: today's default and the baseline cells are the earlier run's
+        for pen in PENALTIES:
+            res[f"today_{pen}"] = windows[f"today_{pen}"]
+            scored = score_rows(lm, emb, prompts, [[]] + [[Steer(vec, dose=d, governor=True)] for d in DOSES],
+                                persona=persona, penalty=pen, new_tokens=new_tokens)
+            res[f"doses_{pen}"] = dict(zip(map(str, DOSES), scored))
+        res["baseline_best"], res["baseline_cells"] = windows["baseline_best"], windows["baseline_cells"]
+        res["seconds"] = round(time.perf_counter() - t, 1)
+        return res
     settings = [[]]
     settings.append([Steer(vec, strength=persona.default_strength, governor=False)])  # today's default
     settings += [[Steer(vec, dose=d, governor=True)] for d in DOSES]
@@ -107,7 +116,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "dose_results.json"))
-    ap.add_argument("--windows-from", default=None, help="reuse the windows measured by an earlier run's json")
+    ap.add_argument("--windows-from", default=None, help="reuse an earlier run's windows, today's-default and baseline figures; score only the doses")
     args = ap.parse_args()
     earlier = {}
     if args.windows_from:

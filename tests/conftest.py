@@ -7,8 +7,14 @@ the embedded GGUF once per test run would cost ~25 s each time.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Commands choose torch's thread count from the machine's load (steerlab.threads). Tests keep the
+# count the run started with, so greedy outputs compared across calls use the same matmul reductions.
+os.environ.setdefault("STEERLAB_THREADS", str(torch.get_num_threads()))
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -35,8 +35,13 @@ def load_lm(model_id: str | None, device: str, dtype: str, *, announce: bool = F
     Says "loading ..." on stderr if that takes over 2 s (at once with ``announce``), and before
     the embedded model's one-time conversion.
     """
+    from . import threads
     from .phases import say, slow
 
+    try:
+        threads.apply()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     with slow(f"loading {model_id or 'the embedded model (SmolLM2-135M-Instruct)'}...", after=0 if announce else 2.0):
         from .models import load_model
 

@@ -138,7 +138,7 @@ def _is_loopback(host: str) -> bool:
               help="A Host name besides localhost/127.0.0.1/[::1] that may build or cancel builds on a loopback "
                    "bind (e.g. behind a proxy); repeatable. Other names get 403 (DNS rebinding).")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
-              help="CPU threads for torch (default: torch's choice; 1 helps on a machine shared with other jobs).")
+              help="CPU threads for torch (default: the cores free at start, from the load average; env STEERLAB_THREADS).")
 @click.option("--api-key-all", is_flag=True, envvar="STEERLAB_API_KEY_ALL",
               help="Require the API key (env STEERLAB_API_KEY) on every endpoint but / and /health, not only on "
                    "building vectors. Env: STEERLAB_API_KEY_ALL=1.")
@@ -187,10 +187,13 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, max_p
     if api_key_all and not api_key:
         raise click.ClickException("--api-key-all / STEERLAB_API_KEY_ALL needs a key: set STEERLAB_API_KEY=<secret>")
     check_port_free(host, port)
-    if threads:
-        import torch
+    from .. import threads as cpu_threads
 
-        torch.set_num_threads(threads)
+    try:
+        n_threads, why = cpu_threads.apply(threads)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"torch threads: {n_threads} ({why})")
     public = not _is_loopback(host)
     if public and not api_key:
         click.echo(f"warning: listening on {host} without STEERLAB_API_KEY: anyone who can reach this machine can "
