@@ -45,7 +45,7 @@ DOSE_LIMIT = 3.0  # doses past 1 are allowed (to see the text break) up to this
 DEFAULT_OPERATOR = "add"
 DEFAULT_GOVERNOR = False  # for vectors never calibrated; calibration turns it on (docs/dose.md)
 DEFAULT_DOSE = 0.7  # what a calibrated vector applies when no amount is given
-BLEND_LIMIT = 1.5  # summed push of a blend's parts (1 = one vector at dose 1) past which it is flagged; bench/blend_eval.py
+BLEND_LIMIT = 1.7  # summed push of a blend (1 = one vector at dose 1) past which it is flagged: bench/blend_eval.py
 DOSE_FLOOR = 0.5  # a dose just above 0 starts at this fraction of the onset (measured: below it nothing shows)
 
 
