@@ -358,3 +358,16 @@ def test_out_of_memory(tiny_dir, tmp_path, monkeypatch):
         r = c.post("/generate", json={"prompt": "x", "max_length": 4})
     assert r.status_code == 503
     assert matches(lines[1], json.dumps(r.json())), r.json()
+
+
+# ---- slides --------------------------------------------------------------------------------------
+def test_every_slide_figure_is_made_by_the_figures_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("workshop_figures", ROOT / "scripts" / "workshop_figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    slides = (WORKSHOP / "slides.md").read_text(encoding="utf-8")
+    used = set(re.findall(r"\]\(figures/([\w-]+)\.png\)", slides))
+    assert used and used <= set(figures.ALL), used - set(figures.ALL)
+    assert slides.startswith("---\nmarp: true")
