@@ -78,6 +78,9 @@ def activation_space(lm, vec, persona, path: Path) -> None:  # noqa: ANN001
     ax.set_xlabel("position along the tabby-cats direction")
     ax.set_ylabel("main other direction")
     ax.set_title(f"{lm.model_id.split('/')[-1]}, layer {layer}: {n} contrast pairs (grey: a pair)", fontsize=10)
+    lo, hi = torch.quantile(other, 0.03).item(), torch.quantile(other, 0.97).item()
+    pad = (hi - lo) * 0.6
+    ax.set_ylim(lo - pad, hi + pad)  # a few outlying texts would squash the picture
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -103,13 +106,13 @@ def tokens(lm, vec, path: Path) -> None:  # noqa: ANN001
     for tok in reading.tokens:
         value = tok.values[vec.name]
         colour = next(c for lo, hi, c in bands if lo <= value < hi)
-        text = ax.text(x, y, tok.text.replace(" ", "\u2009") or " ", fontsize=15, family="DejaVu Sans",
+        text = ax.text(x, y, tok.text.replace(" ", "\u2009") or " ", fontsize=13, family="DejaVu Sans",
                        bbox=dict(boxstyle="square,pad=0.15", fc=colour, ec="none"), va="baseline")
         box = text.get_window_extent(renderer=renderer).transformed(ax.transData.inverted())
         ax.text((box.x0 + box.x1) / 2, y - 0.16, f"{value:+.1f}", fontsize=8, ha="center", color="#555555")
         x = box.x1 + 0.004
-        if x > 0.9:
-            x, y = 0.02, y - 0.42
+        if x > 0.95:
+            x, y = 0.02, y - 0.36
     legend = "reading (neutral std. dev.):  < -2  blue   |   -1..1  none   |   1..2  yellow   |   2..3  orange   |   >= 3  red"
     ax.text(0.02, 0.05, f"tabby_cats at layers {','.join(map(str, vec.active_layers))}.   {legend}", fontsize=8,
             color="#333333")
@@ -131,11 +134,14 @@ def dose(vec, path: Path) -> None:  # noqa: ANN001
     ax.axvspan(min(w["ladder"]), w["onset"], color="#e0e0e0", alpha=0.6, lw=0)
     ax.text(min(w["ladder"]), 0.5, " too weak", fontsize=9, color="#424242")
     ax.set_xscale("log")
+    ticks = [t for t in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0) if min(w["ladder"]) <= t <= max(w["ladder"])]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_ylim(-0.02, 1.12)
     ax.set_xlabel(f"strength per layer (layers {','.join(map(str, w['layers']))}), log scale")
     ax.set_ylabel("mean over 4 neutral prompts")
     ax.set_title(f"{vec.name}: measured dose window ({key}); dose = strength / {w['max_strength']:.3f}", fontsize=10)
-    ax.legend(fontsize=8, loc="center left")
+    ax.legend(fontsize=8, loc="lower center")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
