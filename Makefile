@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 HOST    ?= 127.0.0.1
 PORT    ?= 5050
 
-.PHONY: install run build test test-fast browser bench vllm-install run-vllm test-vllm clean
+.PHONY: install run build test test-fast browser bench workshop-figures vllm-install run-vllm test-vllm clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,9 @@ test-fast: install  ## unit tests only (tiny random models, no real model, no br
 
 bench: install
 	$(PY) bench/run.py
+
+workshop-figures: install  ## the workshop slides' figures -> docs/workshop/figures/
+	$(PY) scripts/workshop_figures.py
 
 vllm-install: .venv-vllm/.installed  ## optional vLLM engine in its own env (.venv-vllm), see docs/vllm.md
 
