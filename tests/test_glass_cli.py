@@ -109,3 +109,19 @@ def test_list_details_shows_the_lens(tiny_dir, built, monkeypatch):
     r = run("list", "--vectors", out, "--details")
     assert r.exit_code == 0, r.output
     assert "kittens: logit lens at layers 2,3" in r.output
+
+
+def test_steer_condition_in_the_cli(tiny_dir, built):
+    folder, _ = built
+    common = ["--vectors", folder, "--model", tiny_dir, "--max-new-tokens", 5, "--raw"]
+    base = run("generate", "the cat sat", *common)
+    never = run("generate", "the cat sat", *common, "--steer", "kittens:3:if=lakes>=50")
+    assert never.exit_code == 0, never.output
+    assert never.stdout == base.stdout and "did not fire" in never.stderr
+    text = run("compare", "the cat sat", *common, "--steer", "kittens:3:if=lakes>=-50:stat=peak:on=text")
+    assert text.exit_code == 0, text.output
+    assert "only when the text reads lakes peak >= -50" in text.output and "fired from reply token 2" in text.stderr
+    bad = run("generate", "x", *common, "--steer", "kittens:if=lakes>1")
+    assert bad.exit_code != 0 and "if=OTHER>=X" in bad.output
+    bad = run("generate", "x", *common, "--steer", "kittens:stat=peak")
+    assert bad.exit_code != 0 and "belong to a condition" in bad.output

@@ -84,6 +84,7 @@ class RowResult:
     prompt_tokens: int
     finish_reason: str  # "stop" (end of text) or "length" (token limit)
     governor: dict | None = None  # what the coherence governor did to this row (None: it did not run)
+    conditions: list[dict] | None = None  # what its text conditions did (steerlab.conditional.TextGate)
 
 
 @dataclass(frozen=True)
@@ -281,10 +282,11 @@ class _BatchStreamer(BaseStreamer):
                 tail, text = self.texts[r].final(self.ids[r])
                 if tail:  # a held-back tail
                     job.emit(Delta(self.slots[r][1], tail))
-                gov = self.report.get("live")
+                gov, gate = self.report.get("live"), self.report.get("gate")
                 summary = gov.summary()[r] if gov is not None and bool(gov.on[r]) else None
                 rows.append(RowResult(text=text.strip(), tokens=len(self.ids[r]), prompt_tokens=self.prompt_tokens[r],
-                                      finish_reason=self.reason[r] or "length", governor=summary))
+                                      finish_reason=self.reason[r] or "length", governor=summary,
+                                      conditions=gate.summary()[r] if gate is not None else None))
         now = time.monotonic()
         first = self.first_token.get(job)
         job.end(Done(rows=rows, batch_jobs=self.n_jobs, batch_rows=len(self.slots),
