@@ -33,6 +33,7 @@ from .conditions import annotate, decide_rows
 from .builds import Builds, BuildWorker
 from .guard import Guard, error_body
 from .limits import MAX_ERROR_ITEMS, MAX_NEW_TOKENS
+from .live_read import LiveRead, delta_frame
 from .openapi import GENERATION, errors, json_or_sse
 from .reading_api import Readers, check_read, read_rows
 from .reading_api import router as reading_router
@@ -148,6 +149,9 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         channel = bridge.Channel()
         job = GenJob(prompts=[req.prompt] * len(rows), steering=rows, options=opts, emit=channel.emit,
                      timeout_s=settings.request_timeout_s, prompt_tokens=n_prompt)
+        if req.stream and req.read:  # each token's reading streams too (the reader is made on the worker)
+            vecs = [store.vectors[n] for n in dict.fromkeys(req.read)]
+            job.live_read = LiveRead(lambda: app.state.readers.get(lm, vecs))
         bridge.submit(runner, job)
         # what was applied, with whether each condition fired (text conditions: known once done)
         return job, channel, lambda done: annotate(applied, outcomes[-1], done.rows[-1].conditions if done else None)
@@ -170,8 +174,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         held: list[Done] = []
         frames = bridge.stream_events(
             job, channel, request, first=[bridge.sse("start", {"rows": rows, "applied": applied(None)})],
-            delta=lambda d: bridge.sse("delta", {"row": rows[d.row], "text": d.text}
-                                       | ({} if d.gain is None else {"gain": d.gain})),
+            delta=lambda d: delta_frame(d, rows),
             done=lambda d: held.append(d) or [],  # sent below, after the readings (if any)
             error=lambda e: [bridge.sse("error", {"error": e.detail, "status": e.status_code})],
         )

@@ -47,6 +47,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..generate import GenerationOptions, _eos_ids
 from ..spec import Resolved
 from . import slices
+from .live_read import live_reads
 
 log = logging.getLogger("steerlab.server")
 
@@ -75,6 +76,7 @@ class Delta:
     row: int
     text: str
     gain: float | None = None  # the governor's gain on this row's steering for these tokens (None: no governor)
+    read: tuple | None = None  # (start, end, {vector: reading}) of an earlier token, text "" (server.live_read)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class GenJob:
     created: float = field(default_factory=time.monotonic)
     finished: bool = False  # set once Done/Failed was emitted (worker thread only)
     outcome: str | None = None  # "done", "cancelled", "timed_out" or "failed", once finished
+    live_read: Any = None  # a server.live_read.LiveRead: stream each token's reading
 
     @property
     def deadline(self) -> float:
@@ -559,8 +562,9 @@ class Runner:
                                        keep_going=lambda: self._keep_prefilling(streamer, stop))
                 t0 = time.monotonic()
             if not stop.is_set():
-                state = slices.run(self.lm, state, run.steering, opts, streamer=streamer, stop=stop,
-                                   max_new_tokens=opts.max_new_tokens - state.generated, report=streamer.report)
+                with live_reads(self.lm, run.jobs, streamer) as put:
+                    state = slices.run(self.lm, state, run.steering, opts, streamer=put, stop=stop,
+                                       max_new_tokens=opts.max_new_tokens - state.generated, report=streamer.report)
         except Exception as exc:  # reported to the jobs of the batch (alone, see below)
             log.exception("runner: generation failed")
             error = exc
