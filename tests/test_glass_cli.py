@@ -125,3 +125,13 @@ def test_steer_condition_in_the_cli(tiny_dir, built):
     assert bad.exit_code != 0 and "if=OTHER>=X" in bad.output
     bad = run("generate", "x", *common, "--steer", "kittens:stat=peak")
     assert bad.exit_code != 0 and "belong to a condition" in bad.output
+
+
+def test_build_prints_the_doctors_grade_unless_told_not_to(tiny_dir, built, tmp_path):
+    _, files = built
+    r = run("build", files[0], "--out", tmp_path / "a", "--model", tiny_dir, "--no-calibrate")
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if "doctor: grade" in x)
+    assert "at layers 2" in line and "advice:" in r.output
+    r = run("build", files[0], "--out", tmp_path / "b", "--model", tiny_dir, "--no-calibrate", "--no-doctor")
+    assert r.exit_code == 0 and "doctor:" not in r.output

@@ -132,6 +132,8 @@ def _options(kw: dict, steering=None):  # noqa: ANN001, ANN202
 @click.option("--force", is_flag=True, help="Rebuild even if the vector exists.")
 @click.option("--calibrate/--no-calibrate", "do_calibrate", default=True, show_default=True,
               help="Measure the dose window of each new vector (about 20-40 s on a laptop CPU).")
+@click.option("--doctor/--no-doctor", "do_doctor", default=True, show_default=True,
+              help="Grade each new vector's contrast set at its layers and print the advice (steerlab doctor).")
 @click.option("--pair", nargs=2, default=None, metavar="POSITIVE NEGATIVE",
               help="Quick vector from one prompt pair, ActAdd-style (e.g. --pair Love Hate); with --name.")
 @click.option("--contrast", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -143,7 +145,7 @@ def _options(kw: dict, steering=None):  # noqa: ANN001, ANN202
 @click.option("--name", default=None, help="Name of the vector built from --pair, --contrast or --positive/--negative.")
 @model_options
 def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_length, demo_prompt, force,
-          do_calibrate, pair, contrast, positive_file, negative_file, name, model_id, device, dtype) -> None:  # noqa: ANN001
+          do_calibrate, do_doctor, pair, contrast, positive_file, negative_file, name, model_id, device, dtype) -> None:  # noqa: ANN001
     """Build steering vectors from persona contrast sets (default: all built-in personas).
 
     PERSONAS are names (built-in or in the user personas folder) or paths to .toml files.
@@ -178,6 +180,10 @@ def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_
             vec = build_persona(lm, persona, layers=None if layer_spec == "all" else layers, batch_size=batch_size,
                                 max_length=max_length, **overrides)
             click.echo(f"{persona.name}: built ({vec.method}, pooling {vec.pooling})")
+            if do_doctor:
+                from .doctor import checkup, checkup_lines
+
+                click.echo("\n".join("  " + x for x in checkup_lines(checkup(lm, persona, vec.active_layers))))
             if do_calibrate:
                 vec = _calibrate(lm, vec)
             store.add(vec, overwrite=True)
