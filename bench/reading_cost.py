@@ -3,6 +3,9 @@
 Runs `compare` (base + steered, one batch) on the embedded model and then reads both replies with a
 ready Reader (what the server does when a request has "read"); also times the one-off neutral
 baseline (made once per set of vectors and kept). Paired, interleaved repeats; prints medians.
+Then the streamed readings (server/live_read.py): the same `compare` generation with the watch hook
+at the reading layers and each step's readings computed (what a streaming request with "read"
+adds), timed side by side with the plain generation in the same run.
 
     PYTHONPATH=src python bench/reading_cost.py [--repeats 7] [--tokens 64] [--threads 2]
 """
@@ -53,6 +56,50 @@ def main() -> None:
     print(f"neutral baseline (once per vector set): {baseline_s:.3f} s")
     print(f"compare (2 rows): median {statistics.median(gen):.3f} s; reading both replies: median "
           f"{statistics.median(read):.3f} s; median ratio {100 * statistics.median(ratios):.2f} % "
+          f"(min {100 * min(ratios):.2f} %, max {100 * max(ratios):.2f} %)")
+    streamed(lm, vec, reader, prompts, opts, args.repeats)
+
+
+def streamed(lm, vec, reader, prompts, opts, repeats: int) -> None:  # noqa: ANN001
+    """Generation with per-token readings from the batch vs without, paired and interleaved."""
+    from transformers.generation.streamers import BaseStreamer
+
+    from steerlab import generate
+    from steerlab.conditional import LiveScores
+    from steerlab.hooks import watch
+
+    live = LiveScores(reader.vectors, reader.baselines)
+
+    class Reads(BaseStreamer):
+        def __init__(self, store: dict) -> None:
+            self.store, self.n = store, 0
+
+        def put(self, value) -> None:  # noqa: ANN001
+            if self.store:
+                live.scores(self.store)
+                self.n += 1
+
+        def end(self) -> None:
+            pass
+
+    plain, withr, ratios = [], [], []
+    for i in range(repeats):
+        prompt = prompts[i % len(prompts)]
+        order = (False, True) if i % 2 == 0 else (True, False)
+        times = {}
+        for on in order:
+            t = time.perf_counter()
+            if on:
+                with watch(lm, live.dirs) as store:
+                    generate(lm, [prompt, prompt], [[], [vec]], options=opts, streamer=Reads(store))
+            else:
+                generate(lm, [prompt, prompt], [[], [vec]], options=opts)
+            times[on] = time.perf_counter() - t
+        plain.append(times[False])
+        withr.append(times[True])
+        ratios.append(times[True] / times[False] - 1)
+    print(f"streamed readings: compare {statistics.median(plain):.3f} s plain vs {statistics.median(withr):.3f} s "
+          f"with per-token readings; median extra {100 * statistics.median(ratios):.2f} % "
           f"(min {100 * min(ratios):.2f} %, max {100 * max(ratios):.2f} %)")
 
 
