@@ -47,6 +47,8 @@ from transformers.generation.streamers import BaseStreamer
 from ..generate import GenerationOptions, _eos_ids
 from ..spec import Resolved
 from . import slices
+from .failures import is_oom as _is_oom
+from .failures import short as _short
 from .live_read import live_reads
 
 log = logging.getLogger("steerlab.server")
@@ -636,18 +638,3 @@ class Runner:
                 job.end(Failed(error))
         elif item.future.set_running_or_notify_cancel():
             item.future.set_exception(error)
-
-
-def _is_oom(error: BaseException) -> bool:
-    """Out of memory, on an accelerator or the CPU (torch's CPU allocator raises a RuntimeError)."""
-    oom = getattr(torch, "OutOfMemoryError", None)
-    if (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(
-        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc"))
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-    text = str(error).replace("\n", " ")
-    return text if len(text) <= limit else text[:limit] + "..."
