@@ -57,7 +57,7 @@ def test_unconditional_entries_and_mean_stat(tiny_lm):
 
 
 # ---- conditions as a field of the steering spec (Steer.when) ---------------------------------------
-from steerlab.spec import When, resolve  # noqa: E402
+from steerlab.spec import When, resolve  # noqa: E402, I001
 
 
 def _push_cond():
@@ -132,7 +132,8 @@ def test_when_checks_its_input():
     from steerlab.spec import parse_when
 
     assert parse_when("tabby_cats>=1.5") == ("tabby_cats", 1.5)
-    with pytest.raises(SteeringError, match="NAME>=THRESHOLD"):
+    assert parse_when("tabby_cats") == ("tabby_cats", None)
+    with pytest.raises(SteeringError, match="NAME>=X"):
         parse_when("tabby_cats>1")
     r = resolve(Steer(push, when=When(cond, 0.5, "peak", "text")), 4).describe()
     assert r["when"] == {"vector": "cond", "threshold": 0.5, "stat": "peak", "on": "text"}

@@ -88,15 +88,15 @@ class When:
         return d | ({} if self.value is None else {"value": round(self.value, 3)})
 
 
-def parse_when(text: str) -> tuple[str, float]:
-    """``NAME>=X`` (the CLI's ``if=`` value) -> ``(NAME, X)``."""
+def parse_when(text: str) -> tuple[str, float | None]:
+    """The CLI's ``if=`` value: ``NAME`` (threshold given apart, or the default) or ``NAME>=X``."""
     name, sep, value = text.partition(">=")
     try:
-        if not sep or not name.strip():
+        if not name.strip() or any(c in name for c in "<>="):
             raise ValueError
-        return name.strip(), float(value)
+        return name.strip(), float(value) if sep else None
     except ValueError:
-        raise SteeringError(f"condition {text!r}: write NAME>=THRESHOLD, e.g. tabby_cats>=1.0") from None
+        raise SteeringError(f"condition {text!r}: write NAME (with threshold=X) or NAME>=X, e.g. tabby_cats>=1.0") from None
 
 
 @dataclass(frozen=True)

@@ -13,22 +13,23 @@ from .errors import SteeringError
 
 STEER_HELP = ("Vector to apply (repeatable): NAME, NAME:dose=0.5, NAME:0.3 (a strength) or "
               "NAME:dose=0.5:op=target:governor=on. Only when another vector reads high: "
-              "NAME:if=OTHER>=1.0 (OTHER's mean reading of the prompt, in neutral standard deviations), "
-              "with :stat=peak (the highest token instead of the mean) and :on=text (re-checked on the reply "
-              "while it is written, instead of once on the prompt); docs/glassbox.md.")
+              "NAME:if=OTHER:threshold=1.0 (OTHER's mean reading of the prompt >= 1.0, in neutral standard "
+              "deviations; also written 'NAME:if=OTHER>=1.0', quoted for the shell), with :stat=peak (the "
+              "highest token instead of the mean) and :on=text (re-checked on the reply while it is written, "
+              "instead of once on the prompt); docs/glassbox.md.")
 
 
 _STEER_KEYS = {"dose": "dose", "strength": "strength", "s": "strength", "scale": "scale", "op": "operator",
                "operator": "operator", "positions": "positions", "governor": "governor", "if": "when",
-               "when": "when", "stat": "when_stat", "on": "when_on"}
+               "when": "when", "threshold": "when_threshold", "th": "when_threshold", "stat": "when_stat", "on": "when_on"}
 _STEER_HELP = ("use NAME, NAME:STRENGTH or NAME:dose=0.5[:op=add|add_norm|target|cap|rotate][:governor=on|off]"
-               "[:if=OTHER>=X[:stat=mean|peak][:on=prompt|text]]")
+               "[:if=OTHER[:threshold=X][:stat=mean|peak][:on=prompt|text]]")
 
 
 def parse_steer(spec: str) -> tuple[str, dict]:
     """``name``, ``name:strength`` or ``name:key=value[:key=value...]`` (dose, strength, scale, op, positions,
-    governor, if, stat, on). A condition comes back as ``when=(other name, threshold)`` plus
-    ``when_stat`` / ``when_on``: the caller looks the other vector up."""
+    governor, if, threshold, stat, on). A condition comes back as ``when=(other name, inline threshold or
+    None)`` plus ``when_threshold`` / ``when_stat`` / ``when_on``: the caller looks the other vector up."""
     name, *parts = spec.split(":")
     fields: dict = {}
     try:
@@ -38,7 +39,7 @@ def parse_steer(spec: str) -> tuple[str, dict]:
                 fields["strength"] = float(key)
                 continue
             field = _STEER_KEYS[key.strip().lower()]
-            if field in ("dose", "strength", "scale"):
+            if field in ("dose", "strength", "scale", "when_threshold"):
                 fields[field] = float(value)
             elif field == "governor":
                 fields[field] = value.strip().lower() in ("1", "on", "true", "yes")
@@ -80,12 +81,16 @@ def steering_from_options(lm, store, kw: dict) -> list:  # noqa: ANN001
             fields.setdefault("governor", kw["governor"])
         if kw.get("positions") is not None:
             fields.setdefault("positions", parse_positions(kw["positions"]))
-        cond = {k.removeprefix("when_"): fields.pop(k) for k in ("when_stat", "when_on") if k in fields}
+        cond = {k.removeprefix("when_"): fields.pop(k) for k in ("when_threshold", "when_stat", "when_on")
+                if k in fields}
         if "when" in fields:
-            other, threshold = fields.pop("when")
-            fields["when"] = When(store.get(other), threshold=threshold, **cond)
+            other, inline = fields.pop("when")
+            if inline is not None and "threshold" in cond:
+                raise click.BadParameter(f"{spec!r}: give the threshold once (OTHER>=X or threshold=X)",
+                                         param_hint="--steer")
+            fields["when"] = When(store.get(other), **({"threshold": inline} if inline is not None else {}), **cond)
         elif cond:
-            raise click.BadParameter(f"{spec!r}: stat= and on= belong to a condition: add if=OTHER>=X",
+            raise click.BadParameter(f"{spec!r}: threshold=, stat= and on= belong to a condition: add if=OTHER",
                                      param_hint="--steer")
         out.append(Steer(store.get(name), layers=layers, **fields))
     return out
