@@ -3,6 +3,9 @@
 Runs `compare` (base + steered, one batch) on the embedded model and then reads both replies with a
 ready Reader (what the server does when a request has "read"); also times the one-off neutral
 baseline (made once per set of vectors and kept). Paired, interleaved repeats; prints medians.
+Then the streamed readings (server/live_read.py): the same `compare` generation with the watch hook
+at the reading layers and each step's readings computed (what a streaming request with "read"
+adds), timed side by side with the plain generation in the same run.
 
     PYTHONPATH=src python bench/reading_cost.py [--repeats 7] [--tokens 64] [--threads 2]
 """
@@ -54,6 +57,84 @@ def main() -> None:
     print(f"compare (2 rows): median {statistics.median(gen):.3f} s; reading both replies: median "
           f"{statistics.median(read):.3f} s; median ratio {100 * statistics.median(ratios):.2f} % "
           f"(min {100 * min(ratios):.2f} %, max {100 * max(ratios):.2f} %)")
+    streamed(lm, vec, reader, prompts, opts, args.repeats)
+
+
+def streamed(lm, vec, reader, prompts, opts, repeats: int) -> None:  # noqa: ANN001
+    """Generation with per-token readings from the batch vs without, paired and interleaved.
+
+    Wall-clock pairs are noisy on a shared CPU, so the added work is also timed where it runs: the
+    watch hooks' projection (the same computation as ``hooks.watch``, timed here) and each step's
+    ``LiveScores.scores``, as a share of the same generation's time.
+    """
+    from contextlib import contextmanager
+
+    from transformers.generation.streamers import BaseStreamer
+
+    from steerlab import generate
+    from steerlab.conditional import LiveScores
+
+    live = LiveScores(reader.vectors, reader.baselines)
+    spent = [0.0]
+
+    @contextmanager
+    def timed_watch():  # hooks.watch's computation, with a clock around it
+        table = {x: d.to(device=lm.device, dtype=torch.float32).T for x, d in live.dirs.items()}
+        store: dict = {}
+
+        def make(layer: int):  # noqa: ANN202
+            def hook(module, args, output):  # noqa: ANN001, ANN202
+                t = time.perf_counter()
+                hidden = output[0] if isinstance(output, tuple) else output
+                store[layer] = hidden[:, -1].float() @ table[layer]
+                spent[0] += time.perf_counter() - t
+
+            return hook
+
+        handles = [lm.layers[x].register_forward_hook(make(x)) for x in table]
+        try:
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+
+    class Reads(BaseStreamer):
+        def __init__(self, store: dict) -> None:
+            self.store = store
+
+        def put(self, value) -> None:  # noqa: ANN001
+            if self.store:
+                t = time.perf_counter()
+                live.scores(self.store)
+                spent[0] += time.perf_counter() - t
+
+        def end(self) -> None:
+            pass
+
+    plain, withr, ratios, shares = [], [], [], []
+    for i in range(repeats):
+        prompt = prompts[i % len(prompts)]
+        order = (False, True) if i % 2 == 0 else (True, False)
+        times = {}
+        for on in order:
+            spent[0] = 0.0
+            t = time.perf_counter()
+            if on:
+                with timed_watch() as store:
+                    generate(lm, [prompt, prompt], [[], [vec]], options=opts, streamer=Reads(store))
+            else:
+                generate(lm, [prompt, prompt], [[], [vec]], options=opts)
+            times[on] = time.perf_counter() - t
+            if on:
+                shares.append(spent[0] / (times[on] - spent[0]))
+        plain.append(times[False])
+        withr.append(times[True])
+        ratios.append(times[True] / times[False] - 1)
+    print(f"streamed readings: time in the watch hooks and per-step scoring: median {100 * statistics.median(shares):.2f} % "
+          f"of the generation (min {100 * min(shares):.2f} %, max {100 * max(shares):.2f} %)")
+    print(f"  wall clock, paired: {statistics.median(plain):.3f} s plain vs {statistics.median(withr):.3f} s with; "
+          f"median difference {100 * statistics.median(ratios):+.2f} % (min {100 * min(ratios):+.2f} %, "
+          f"max {100 * max(ratios):+.2f} %; noise on a shared CPU)")
 
 
 if __name__ == "__main__":

@@ -259,3 +259,35 @@ def test_the_page_sends_the_api_key_from_its_field(driver, tiny_dir, tmp_path):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".persona[data-name=kittens]"))
         assert driver.execute_script("return sessionStorage.getItem('steerlab.apiKey')") == "page-key-\u00e9"
         assert driver.execute_script("return localStorage.length") == 0
+
+
+def test_condition_control_and_streamed_lighting(driver, real_server):
+    """A persona card's "only when the prompt reads" control sends ``when``; a condition that cannot fire
+    leaves the steered pane equal to the base one and says so; tokens are lit while they stream.
+    Screenshot: ``artifacts/conditional.png``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(driver, 60)
+    driver.get(real_server)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".persona[data-name=weeknd]"))
+    driver.find_element(By.ID, "prompt").send_keys("How do I descale a kettle?")
+    driver.find_element(By.CSS_SELECTOR, "label[for=use-weeknd]").click()
+    Select(driver.find_element(By.ID, "cond-weeknd")).select_by_value("tabby_cats")
+    at = driver.find_element(By.ID, "cond-at-weeknd")
+    at.clear()
+    at.send_keys("50")
+    driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", at)
+    driver.find_element(By.ID, "read").click()
+    runs = driver.execute_script("return window.steerlab.runs")
+    driver.find_element(By.ID, "run").click()
+    WebDriverWait(driver, 400).until(lambda d: d.execute_script("return window.steerlab.runs") > runs)
+    body = driver.execute_script("return window.steerlab.lastRequest")
+    assert body["steering"][0]["when"] == {"vector": "tabby_cats", "threshold": 50}
+    result = driver.execute_script("return window.steerlab.lastResult")
+    assert result["applied"][0]["fired"] is False and result["base"] == result["steered"]
+    assert "did not fire" in driver.find_element(By.ID, "steered-tag").text
+    assert driver.execute_script("return window.steerlab.streamedReads") > 0  # lit while streaming
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.execute_script("document.getElementById('cond-weeknd').scrollIntoView({block: 'center'})")
+    driver.save_screenshot(str(ARTIFACTS / "conditional.png"))

@@ -54,3 +54,94 @@ def test_unconditional_entries_and_mean_stat(tiny_lm):
     assert all(len(r) == 2 for r in rows)
     with pytest.raises(SteeringError, match="condition vectors"):
         conditional_rows(tiny_lm, PROMPTS, [Conditional(Steer(push), Condition(vec(2, "other")))], reader=reader)
+
+
+# ---- conditions as a field of the steering spec (Steer.when) ---------------------------------------
+from steerlab.spec import When, resolve  # noqa: E402, I001
+
+
+def _push_cond():
+    return vec(0, "push"), vec(1, "cond")
+
+
+@pytest.mark.parametrize("on", ["prompt", "text"])
+def test_when_that_never_fires_is_byte_identical_to_unsteered(tiny_lm, on):
+    push, cond = _push_cond()
+    report: dict = {}
+    out = generate(tiny_lm, PROMPTS, [Steer(push, when=When(cond, threshold=1e9, on=on))], options=OPTS, report=report)
+    assert out == generate(tiny_lm, PROMPTS, None, options=OPTS)
+    assert [[c["fired"] for c in row] for row in report["conditions"]] == [[False]] * 3
+
+
+def test_when_on_prompt_fires_per_row_in_one_batch(tiny_lm):
+    push, cond = _push_cond()
+    means = [r.mean("cond") for r in Reader(tiny_lm, [cond]).read(PROMPTS)]
+    threshold = sorted(means)[1]
+    report: dict = {}
+    out = generate(tiny_lm, PROMPTS, [Steer(push, when=When(cond, threshold=threshold))], options=OPTS, report=report)
+    fired = [row[0]["fired"] for row in report["conditions"]]
+    assert fired == [m >= threshold for m in means] and sum(fired) == 2
+    for p, f, o in zip(PROMPTS, fired, out):
+        assert o == generate(tiny_lm, p, [push] if f else None, options=OPTS)[0]
+
+
+def test_when_on_text_opens_a_row_gate_from_the_second_token(tiny_lm):
+    """Always true on the text: the first two reply tokens are unsteered (read one token late), the rest steered."""
+    push, cond = _push_cond()
+    report: dict = {}
+    gated = generate(tiny_lm, PROMPTS, [Steer(push, when=When(cond, threshold=-1e9, on="text"))], options=OPTS,
+                     report=report)
+    assert gated != generate(tiny_lm, PROMPTS, None, options=OPTS)
+    for row in report["conditions"]:
+        assert row[0]["fired"] and row[0]["first_steered_token"] == 2 and row[0]["on"] == "text"
+    # the gate's own first token equals the unsteered one (nothing was steered before it)
+    base = [tiny_lm.tokenizer(x)["input_ids"][:1] for x in generate(tiny_lm, PROMPTS, None, options=OPTS)]
+    assert [tiny_lm.tokenizer(x)["input_ids"][:1] for x in gated] == base
+
+
+def test_text_gate_follows_the_reading_of_the_reply(tiny_lm):
+    """The gate opens exactly when the running mean of the reply's readings crosses the threshold."""
+    from steerlab.conditional import decide, text_gate_for
+    from steerlab.generate import _eos_ids
+
+    push, cond = _push_cond()
+    rows = [[resolve(Steer(push, when=When(cond, threshold=0.0, on="text")), tiny_lm.n_layers)]]
+    rows, _ = decide(tiny_lm, PROMPTS[:1], rows)
+    gate = text_gate_for(tiny_lm, rows, 1, _eos_ids(tiny_lm.tokenizer))
+    seen = []
+    ids = torch.tensor([[5, 6, 7]])
+    with gate.watching():
+        for step in range(4):
+            with torch.no_grad():
+                tiny_lm.model(input_ids=ids)
+            gate(ids, torch.zeros(1, 10))
+            seen.append(float(gate.gate[0, 0, 0]))
+            ids = torch.cat([ids, torch.tensor([[8 + step]])], dim=1)
+    assert seen[0] == 0.0  # the prompt's last token is not read
+    assert gate.summary()[0][0]["tokens_read"] == 3
+    mean = float(gate.sum[0, 0] / gate.count[0, 0])
+    assert seen[-1] == (1.0 if mean >= 0 else 0.0)
+
+
+def test_when_checks_its_input():
+    push, cond = _push_cond()
+    with pytest.raises(SteeringError, match="mean or peak"):
+        When(cond, stat="max")
+    with pytest.raises(SteeringError, match="prompt or text"):
+        When(cond, on="reply")
+    from steerlab.spec import parse_when
+
+    assert parse_when("tabby_cats>=1.5") == ("tabby_cats", 1.5)
+    assert parse_when("tabby_cats") == ("tabby_cats", None)
+    with pytest.raises(SteeringError, match="NAME>=X"):
+        parse_when("tabby_cats>1")
+    r = resolve(Steer(push, when=When(cond, 0.5, "peak", "text")), 4).describe()
+    assert r["when"] == {"vector": "cond", "threshold": 0.5, "stat": "peak", "on": "text"}
+
+
+def test_steer_refuses_text_conditions_without_a_gate(tiny_lm):
+    from steerlab.hooks import steer
+
+    push, cond = _push_cond()
+    with pytest.raises(SteeringError, match="need a gate"), steer(tiny_lm, [Steer(push, when=When(cond, on="text"))]):
+        pass

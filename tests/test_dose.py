@@ -11,10 +11,10 @@ from helpers import random_vector
 
 from steerlab import GenerationOptions, Steer, SteeringError, generate
 from steerlab.calibrate import Window, _crossing, calibrate, with_window
-from steerlab.cli import parse_steer
 from steerlab.generate import governor_for
 from steerlab.governor import HIGH, HIGH_MARGIN, LOW, LOW_MARGIN, Governor, _loops
 from steerlab.spec import DOSE_FLOOR, blend_push, dose_strength, resolve, resolve_rows, strength_dose
+from steerlab.steer_syntax import parse_steer
 
 GREEDY = GenerationOptions(max_new_tokens=6)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

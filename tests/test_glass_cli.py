@@ -109,3 +109,31 @@ def test_list_details_shows_the_lens(tiny_dir, built, monkeypatch):
     r = run("list", "--vectors", out, "--details")
     assert r.exit_code == 0, r.output
     assert "kittens: logit lens at layers 2,3" in r.output
+
+
+def test_steer_condition_in_the_cli(tiny_dir, built):
+    folder, _ = built
+    common = ["--vectors", folder, "--model", tiny_dir, "--max-new-tokens", 5, "--raw"]
+    base = run("generate", "the cat sat", *common)
+    never = run("generate", "the cat sat", *common, "--steer", "kittens:3:if=lakes:threshold=50")
+    assert never.exit_code == 0, never.output
+    assert never.stdout == base.stdout and "did not fire" in never.stderr
+    text = run("compare", "the cat sat", *common, "--steer", "kittens:3:if=lakes>=-50:stat=peak:on=text")
+    assert text.exit_code == 0, text.output
+    assert "only when the text reads lakes peak >= -50" in text.output and "fired from reply token 2" in text.stderr
+    bad = run("generate", "x", *common, "--steer", "kittens:if=lakes>1")
+    assert bad.exit_code != 0 and "if=OTHER[:threshold=X]" in bad.output
+    bad = run("generate", "x", *common, "--steer", "kittens:stat=peak")
+    assert bad.exit_code != 0 and "belong to a condition" in bad.output
+    bad = run("generate", "x", *common, "--steer", "kittens:if=lakes>=1:threshold=2")
+    assert bad.exit_code != 0 and "threshold once" in bad.output
+
+
+def test_build_prints_the_doctors_grade_unless_told_not_to(tiny_dir, built, tmp_path):
+    _, files = built
+    r = run("build", files[0], "--out", tmp_path / "a", "--model", tiny_dir, "--no-calibrate")
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if "doctor: grade" in x)
+    assert "at layers 2" in line and "advice:" in r.output
+    r = run("build", files[0], "--out", tmp_path / "b", "--model", tiny_dir, "--no-calibrate", "--no-doctor")
+    assert r.exit_code == 0 and "doctor:" not in r.output

@@ -128,3 +128,29 @@ def test_never_firing_condition_leaves_real_output_identical(real_lm, real_vecto
     rows, _ = conditional_rows(real_lm, prompts, [entry])
     opts = GenerationOptions(max_new_tokens=16)
     assert generate(real_lm, prompts, rows, options=opts) == generate(real_lm, prompts, None, options=opts)
+
+
+@pytest.mark.parametrize("on", ["prompt", "text"])
+def test_when_that_never_fires_leaves_real_output_identical(real_lm, real_vectors, on):
+    """Steer.when, on the prompt and on the text: an impossible threshold is exactly unsteered, per row."""
+    from steerlab import GenerationOptions, generate
+    from steerlab.spec import Steer, When
+
+    prompts = CAT_PROMPTS[:2] + OTHER_PROMPTS[:1]
+    opts = GenerationOptions(max_new_tokens=16)
+    entry = Steer(real_vectors["weeknd"], strength=0.6, when=When(real_vectors["tabby_cats"], 100.0, on=on))
+    report: dict = {}
+    assert generate(real_lm, prompts, [entry], options=opts, report=report) == generate(real_lm, prompts, None,
+                                                                                      options=opts)
+    assert not any(row[0]["fired"] for row in report["conditions"])
+
+
+def test_when_on_the_prompt_fires_on_matching_prompts(real_lm, real_vectors):
+    from steerlab import GenerationOptions, generate
+    from steerlab.spec import Steer, When
+
+    entry = Steer(real_vectors["weeknd"], strength=0.4, when=When(real_vectors["tabby_cats"], 1.0, "mean"))
+    report: dict = {}
+    generate(real_lm, CAT_PROMPTS + OTHER_PROMPTS, [entry], options=GenerationOptions(max_new_tokens=2), report=report)
+    fired = [row[0]["fired"] for row in report["conditions"]]
+    assert sum(fired[:8]) >= 6 and sum(fired[8:]) <= 2

@@ -178,6 +178,7 @@ def test_target_adds_only_what_is_missing(tiny_lm):
     vec = random_vector(tiny_lm, [1])
     u, n = _unit(vec), vec.norms[1]
     x = torch.randn(1, 6, tiny_lm.hidden_size)
+    x[0, 1:] -= ((x[0, 1:] @ u)[:, None] + 0.5 * n) * u  # below the target (a random draw may not be)
     x[0, 0] += 5 * n * u  # already far past the target: untouched
     out = _hook(tiny_lm, vec, strength=0.5, operator="target")(x)
     proj = out[0] @ u

@@ -376,6 +376,7 @@ def test_build_a_persona_in_the_background(server):
         gate.set()
     done = _wait_build(c, build)
     assert done["state"] == "done" and done["progress"] == 1.0 and done["vector"]["default_layers"] == [1]
+    assert "at least 4 pairs" in done["doctor"]["error"]  # two pairs: too few to grade, said so
     names = [v["name"] for v in c.get("/vectors").json()["vectors"]]
     assert "kittens" in names
     cmp = c.post("/compare", json=greedy(steering="kittens")).json()  # usable at once
@@ -389,6 +390,9 @@ def test_build_a_persona_in_the_background(server):
     r = c.post("/vectors", json={**body, "default_strength": 1.5, "overwrite": True})
     assert r.status_code == 202
     assert _wait_build(c, r.json())["vector"]["default_strength"] == 1.5
+    four = {**body, "name": "kittens4", "positive": body["positive"] * 2, "negative": body["negative"] * 2}
+    doctor = _wait_build(c, c.post("/vectors", json=four).json())["doctor"]
+    assert doctor["grade"] in "ABCDF" and doctor["graded_layers"] == [1] and doctor["advice"]
 
 
 def test_build_progress_streams_and_bad_requests(server):

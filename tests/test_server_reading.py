@@ -105,3 +105,44 @@ def test_lens_endpoint(server):
     assert all(len(x["promoted"]) == 3 and len(x["suppressed"]) == 3 for x in rows)
     assert server.client.get("/vectors/nope/lens").status_code == 404
     assert server.client.get("/vectors/weeknd/lens", params={"k": 0}).status_code == 422
+
+
+# ---- readings streamed with each token ---------------------------------------------------------------
+def test_streamed_readings_line_up_token_for_token_with_the_text(server):
+    """Every token but the last (never fed back) gets a ``read`` event whose span tiles the text, with
+    the values the unsteered model gives those tokens in one full forward pass."""
+    import torch
+
+    from steerlab.generate import GenerationOptions, encode_prompts, generation_kwargs
+    from steerlab.hooks import capture
+
+    n = 8
+    evs = events(server.client, "/generate", greedy(read=["tabby_cats"], n=n, stream=True))
+    text = "".join(d["text"] for e, d in evs if e == "delta")
+    reads = [d for e, d in evs if e == "read"]
+    done = next(d for e, d in evs if e == "done")
+    assert done["generated"] == text.strip() and done["tokens"] == n
+    assert len(reads) == n - 1 and reads[0]["start"] == 0
+    assert all(a["end"] == b["start"] for a, b in zip(reads, reads[1:]))
+    assert text.startswith(text[: reads[-1]["end"]]) and reads[-1]["end"] < len(text)
+    lm = server.lm
+    enc = encode_prompts(lm, ["the cat sat"], False)
+    ids = lm.model.generate(**enc, **generation_kwargs(lm, GenerationOptions(max_new_tokens=n, chat=False)))[0]
+    reader = server.app.state.readers.get(lm, [server.app.state.store.vectors["tabby_cats"]])
+    base = reader.baselines[0]
+    vec = reader.vectors[0]
+    with torch.no_grad(), capture(lm, base.layers, stop_early=False) as store:
+        lm.model(input_ids=ids[None])
+    first = enc["input_ids"].shape[1]
+    proj = torch.stack([store[x][0, first : first + n - 1].double() @ (vec.directions[x] / vec.directions[x].norm()).double()
+                        for x in base.layers], dim=1)
+    want = base.score(proj).tolist()
+    assert [r["read"]["tabby_cats"] for r in reads] == pytest.approx(want, abs=2e-3)
+
+
+def test_streamed_readings_only_when_asked(server):
+    evs = events(server.client, "/compare", greedy(steering="weeknd", stream=True))
+    assert not [e for e, _ in evs if e == "read"]
+    evs = events(server.client, "/compare", greedy(steering="weeknd", stream=True, read=["weeknd"]))
+    rows = {d["row"] for e, d in evs if e == "read"}
+    assert rows == {"base", "steered"}

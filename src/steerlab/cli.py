@@ -23,6 +23,9 @@ import click
 
 from .errors import SteeringError
 from .options import load_lm, model_options, open_store, vectors_option
+from .steer_syntax import STEER_HELP, describe_conditions
+from .steer_syntax import describe_steering as _describe
+from .steer_syntax import steering_from_options as _steering
 
 
 
@@ -76,9 +79,7 @@ def generation_options(f):  # noqa: ANN001, ANN201
         click.option("--repetition-penalty", default=1.2, show_default=True, type=click.FloatRange(1, 3),
                      help="Discourages loops, which small models fall into under greedy decoding."),
         click.option("--raw", is_flag=True, help="Raw completion: do not apply the chat template."),
-        click.option("--steer", "steers", multiple=True, metavar="NAME[:dose=D]",
-                     help="Vector to apply (repeatable): NAME, NAME:dose=0.5, NAME:0.3 (a strength) or "
-                          "NAME:dose=0.5:op=target:governor=on."),
+        click.option("--steer", "steers", multiple=True, metavar="NAME[:dose=D]", help=STEER_HELP),
         click.option("--dose", default=None, type=click.FloatRange(-3, 3),
                      help="Dose for every --steer without one: 0 = none, 1 = the strongest setting measured fluent "
                           "(default: the vector's, 0.7 once calibrated)."),
@@ -101,64 +102,6 @@ def generation_options(f):  # noqa: ANN001, ANN201
     return f
 
 
-_STEER_KEYS = {"dose": "dose", "strength": "strength", "s": "strength", "scale": "scale", "op": "operator",
-               "operator": "operator", "positions": "positions", "governor": "governor"}
-_STEER_HELP = "use NAME, NAME:STRENGTH or NAME:dose=0.5[:op=add|add_norm|target|cap|rotate][:governor=on|off]"
-
-
-def parse_steer(spec: str) -> tuple[str, dict]:
-    """``name``, ``name:strength`` or ``name:key=value[:key=value...]`` (dose, strength, scale, op, positions, governor)."""
-    name, *parts = spec.split(":")
-    fields: dict = {}
-    try:
-        for part in parts:
-            key, eq, value = part.partition("=")
-            if not eq:
-                fields["strength"] = float(key)
-                continue
-            field = _STEER_KEYS[key.strip().lower()]
-            if field in ("dose", "strength", "scale"):
-                fields[field] = float(value)
-            elif field == "governor":
-                fields[field] = value.strip().lower() in ("1", "on", "true", "yes")
-            elif field == "positions":
-                from .spec import parse_positions
-
-                fields[field] = parse_positions(value)
-            else:
-                fields[field] = value.strip()
-    except (ValueError, KeyError, SteeringError):
-        raise click.BadParameter(f"{spec!r}: {_STEER_HELP}, e.g. weeknd:dose=0.5", param_hint="--steer") from None
-    if not name:
-        raise click.BadParameter(f"{spec!r}: {_STEER_HELP}", param_hint="--steer")
-    return name, fields
-
-
-def _steering(lm, store, kw: dict) -> list:  # noqa: ANN001
-    """--steer entries as Steer specs: each entry's own fields > --dose/--strength/--scale and friends."""
-    from .layers import parse_layers
-    from .spec import Steer, parse_positions
-
-    if not kw["steers"]:
-        raise click.UsageError("give at least one --steer NAME (see `steerlab list`)")
-    layers = tuple(parse_layers(kw["layer_spec"], lm.n_layers)) if kw["layer_spec"] else None
-    shared = {k: kw[k] for k in ("dose", "strength", "scale") if kw.get(k) is not None}
-    if len(shared) > 1:
-        raise click.UsageError(f"give one of --dose, --strength or --scale, not {' and '.join('--' + k for k in shared)}")
-    out = []
-    for spec in kw["steers"]:
-        name, fields = parse_steer(spec)
-        if not any(k in fields for k in ("dose", "strength", "scale")):
-            fields |= shared
-        fields.setdefault("operator", kw.get("operator"))
-        if kw.get("governor") is not None:
-            fields.setdefault("governor", kw["governor"])
-        if kw.get("positions") is not None:
-            fields.setdefault("positions", parse_positions(kw["positions"]))
-        out.append(Steer(store.get(name), layers=layers, **fields))
-    return out
-
-
 def _options(kw: dict, steering=None):  # noqa: ANN001, ANN202
     from .generate import GenerationOptions
 
@@ -167,19 +110,6 @@ def _options(kw: dict, steering=None):  # noqa: ANN001, ANN202
         chat=False if kw["raw"] else None, norm_preserve=kw["norm_preserve"],
         repetition_penalty=kw["repetition_penalty"],
     )
-
-
-def _describe(steering, lm) -> str:  # noqa: ANN001
-    from .spec import resolve
-
-    parts = []
-    for st in steering:
-        r = resolve(st, lm.n_layers).describe()
-        amount = f"dose {r['dose']} = strength {r['strength']:.3g}" if "dose" in r else \
-            f"scale {r['scale']}" if "scale" in r else f"strength {r['strength']:.3g}"
-        extra = (", governor" if r["governor"] else "") + (f"; {r['note']}" if "note" in r else "")
-        parts.append(f"{r['vector']} ({r['operator']}, {amount}, layers {','.join(map(str, r['layers']))}{extra})")
-    return " + ".join(parts)
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -202,6 +132,8 @@ def _describe(steering, lm) -> str:  # noqa: ANN001
 @click.option("--force", is_flag=True, help="Rebuild even if the vector exists.")
 @click.option("--calibrate/--no-calibrate", "do_calibrate", default=True, show_default=True,
               help="Measure the dose window of each new vector (about 20-40 s on a laptop CPU).")
+@click.option("--doctor/--no-doctor", "do_doctor", default=True, show_default=True,
+              help="Grade each new vector's contrast set at its layers and print the advice (steerlab doctor).")
 @click.option("--pair", nargs=2, default=None, metavar="POSITIVE NEGATIVE",
               help="Quick vector from one prompt pair, ActAdd-style (e.g. --pair Love Hate); with --name.")
 @click.option("--contrast", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -213,7 +145,7 @@ def _describe(steering, lm) -> str:  # noqa: ANN001
 @click.option("--name", default=None, help="Name of the vector built from --pair, --contrast or --positive/--negative.")
 @model_options
 def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_length, demo_prompt, force,
-          do_calibrate, pair, contrast, positive_file, negative_file, name, model_id, device, dtype) -> None:  # noqa: ANN001
+          do_calibrate, do_doctor, pair, contrast, positive_file, negative_file, name, model_id, device, dtype) -> None:  # noqa: ANN001
     """Build steering vectors from persona contrast sets (default: all built-in personas).
 
     PERSONAS are names (built-in or in the user personas folder) or paths to .toml files.
@@ -248,6 +180,10 @@ def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_
             vec = build_persona(lm, persona, layers=None if layer_spec == "all" else layers, batch_size=batch_size,
                                 max_length=max_length, **overrides)
             click.echo(f"{persona.name}: built ({vec.method}, pooling {vec.pooling})")
+            if do_doctor:
+                from .doctor import checkup, checkup_lines
+
+                click.echo("\n".join("  " + x for x in checkup_lines(checkup(lm, persona, vec.active_layers))))
             if do_calibrate:
                 vec = _calibrate(lm, vec)
             store.add(vec, overwrite=True)
@@ -336,7 +272,10 @@ def generate(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noq
             click.echo(delta, nl=False)
         click.echo()
     else:
-        click.echo(run(lm, prompt, steering, options=_options(kw, steering))[0])
+        report: dict = {}
+        click.echo(run(lm, prompt, steering, options=_options(kw, steering), report=report)[0])
+        for line in describe_conditions(report):
+            click.echo(f"# {line}", err=True)
 
 
 @main.command()
@@ -347,10 +286,13 @@ def generate(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noq
 def compare(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noqa: ANN001
     """Base vs steered completion of PROMPT, generated together in one batch."""
     lm = load_lm(model_id, device, dtype)  # first: it says "loading ..." when that is slow
-    from .generate import compare as run
+    from .generate import generate as run
 
     steering = _steering(lm, open_store(lm, vectors_dir), kw)
-    base, steered = run(lm, prompt, steering, options=_options(kw, steering))
+    report: dict = {}
+    base, steered = run(lm, [prompt, prompt], [[], list(steering)], options=_options(kw, steering), report=report)
+    for line in describe_conditions(report):
+        click.echo(f"# {line}", err=True)
     click.echo(click.style("=== base ===", bold=True))
     click.echo(base)
     click.echo(click.style(f"=== steered: {_describe(steering, lm)} ===", bold=True))

@@ -296,3 +296,27 @@ def doctor_persona(lm, persona, *, layers: Sequence[int] | None = None, batch_si
                   lines=positive_lines(persona.source, len(persona.positive)), name=persona.name,
                   batch_size=batch_size)
 
+
+
+def checkup(lm, persona, layers: Sequence[int], *, batch_size: int = 16) -> dict:  # noqa: ANN001
+    """The short doctor report a build prints (and POST /vectors returns): grade, score and advice.
+
+    Cheap: only the vector's ``layers`` are read (the full doctor reads all of them). A set the
+    doctor cannot grade (unpaired, under 4 pairs) gives ``{"error": why}``.
+    """
+    try:
+        diag = doctor_persona(lm, persona, layers=list(layers), batch_size=batch_size)
+    except SteeringError as exc:
+        return {"error": str(exc)}
+    return {"grade": diag.grade, "score": round(diag.score, 1), "advice": list(diag.advice),
+            "graded_layers": list(diag.grade_layers)}
+
+
+def checkup_lines(report: dict) -> list[str]:
+    """One or two lines for the terminal."""
+    if "error" in report:
+        return [f"doctor: not graded ({report['error']})"]
+    advice = report["advice"]
+    return [f"doctor: grade {report['grade']} ({report['score']:g}/100 at layers "
+            f"{','.join(map(str, report['graded_layers']))}); `steerlab doctor` for the full report",
+            *(f"  advice: {a}" for a in advice[:2])]

@@ -9,12 +9,14 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .conditional import TextGate, condition_vectors, decide, text_gate_for
 from .cpu_matmul import decode_matmuls
 from .governor import Governor
 from .hooks import RowSteering, steer, steering_rows
@@ -98,6 +100,30 @@ def governor_for(lm, resolved: Sequence[Sequence[Resolved]], n_rows: int) -> Gov
     return Governor.for_model(governed, base, device=lm.device, dtype=lm.dtype)
 
 
+@contextmanager
+def steering_session(lm, resolved: Sequence[Sequence[Resolved]], n_rows: int, kwargs: dict,  # noqa: ANN001
+                     report: dict | None = None, resume: bool = False
+                     ) -> Iterator[tuple[Governor | None, TextGate | None]]:
+    """Steering hooks for one ``model.generate`` call, with the governor and text conditions it needs.
+
+    Adds their logits processors to ``kwargs``; ``report["live"]`` / ``report["gate"]`` get them
+    while they run. The gate's watch hooks are entered first, so they read before steering.
+    ``resume``: a later slice of the same batch (:mod:`steerlab.server.slices`): keep the gate of
+    ``report`` with what it has read so far.
+    """
+    gov = governor_for(lm, resolved, n_rows)
+    gate = (report or {}).get("gate") if resume else None
+    gate = gate or text_gate_for(lm, resolved, n_rows, _eos_ids(lm.tokenizer))
+    procs = [p for p in (gov, gate) if p is not None]
+    if procs:
+        kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), *procs])
+    if report is not None:
+        report.update({k: v for k, v in (("live", gov), ("gate", gate)) if v is not None})
+    with gate.watching() if gate is not None else nullcontext(), \
+            steer(lm, resolved, gain=gov.gain if gov else None, gate=gate.gate if gate else None), decode_matmuls(lm):
+        yield gov, gate
+
+
 def generation_kwargs(lm, opts: GenerationOptions) -> dict:  # noqa: ANN001
     """``model.generate`` settings for ``opts`` (sampling, eos ids, repetition penalty)."""
     sample = opts.temperature > 0
@@ -138,8 +164,9 @@ def generate(
     """Generate one completion per prompt in a single batch.
 
     ``steering``: None; one list of vectors/doses for every row; or one list per row.
-    ``report``: a dict to fill with what was applied per row (``"steering"``) and, when the
-    governor ran, its per-row summary and per-token gains (``"governor"``, ``"gains"``).
+    ``report``: a dict to fill with what was applied per row (``"steering"``), whether each
+    condition fired (``"conditions"``, entries with ``Steer(when=)``) and, when the governor ran,
+    its per-row summary and per-token gains (``"governor"``, ``"gains"``).
     """
     opts = options or GenerationOptions()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -154,15 +181,18 @@ def generate(
         kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancel(cancel)])
     resolved = resolve_rows(rows, lm.n_layers, positions=opts.positions, governor=opts.governor,
                             operator="add_norm" if opts.norm_preserve else None)
-    gov = governor_for(lm, resolved, len(prompts))
-    if gov is not None:
-        kwargs["logits_processor"] = LogitsProcessorList([gov])
-        if report is not None:
-            report["live"] = gov  # a streamer may read the gains while tokens arrive
-    with steer(lm, resolved, gain=gov.gain if gov else None), decode_matmuls(lm):
+    outcomes: list[list[dict]] = [[] for _ in prompts]
+    if condition_vectors(resolved):  # one reading pass over the prompts decides prompt conditions
+        resolved, outcomes = decide(lm, prompts, resolved if len(resolved) == len(prompts) else resolved * len(prompts))
+    live: dict = report if report is not None else {}
+    with steering_session(lm, resolved, len(prompts), kwargs, live) as (gov, gate):
         out = lm.model.generate(**enc, streamer=streamer, **kwargs)
     if report is not None:
         report["steering"] = [[r.describe() for r in row] for row in resolved]
+        if gate is not None:
+            outcomes = [a + b for a, b in zip(outcomes, gate.summary())]
+        if any(outcomes):
+            report["conditions"] = outcomes
         if gov is not None:
             report["governor"], report["gains"] = gov.summary(), gov.gains
     new = out[:, enc["input_ids"].shape[1] :]

@@ -9,6 +9,8 @@ Kinds of hook, all handed out as context managers that always remove what they a
   allocation beyond the result, no transfers); other operators cost a projection per token.
 * :func:`capture` records block outputs for extraction and can stop the forward pass right
   after the deepest layer asked for, so extraction never runs layers it does not need.
+* :func:`watch` records, at every forward call, the last position's projection on some
+  directions (readings and text conditions while generating; :mod:`steerlab.conditional`).
 * :func:`add_at_front` adds a per-position tensor to the first positions of one block's output
   (ActAdd's injection; used by :mod:`steerlab.actadd`).
 
@@ -30,7 +32,7 @@ from .layers import check_layers
 from .spec import SINK_RATIO, Resolved, Steer, SteerLike, as_steer, check_positions, resolve, resolve_rows
 
 __all__ = ["Positions", "RowSteering", "Steer", "SteerLike", "add_at_front", "add_trainable", "as_steer", "build_deltas", "capture",
-           "run_until_captured", "steer", "steering_rows"]
+           "run_until_captured", "steer", "steering_rows", "watch"]
 
 Positions = Literal["all", "generated"]
 RowSteering = Sequence[SteerLike]
@@ -69,8 +71,9 @@ def build_deltas(lm, rows: Sequence[RowSteering], *, device: torch.device, dtype
     for r, row in enumerate(rows):
         for res in (resolve(item, lm.n_layers, positions=positions) for item in row):
             _check_hidden(lm, res)
-            if res.operator != "add" or res.governor:
-                what = "the governor" if res.governor else f"operator {res.operator!r}"
+            if res.operator != "add" or res.governor or res.gated:
+                what = "the governor" if res.governor else "a condition on the text" if res.gated else \
+                    f"operator {res.operator!r}"
                 raise SteeringError(f"{what} needs the hidden state at every step; this engine can only add a "
                                     "fixed vector: use operator 'add' without governor, or the transformers engine")
             for t in res.terms:
@@ -100,11 +103,12 @@ class _Group:
     baseline: torch.Tensor  # [rows, 1, 1]
     norm: torch.Tensor  # [rows, 1, 1]
     on: torch.Tensor  # [rows, 1, 1] 1 where the row has this term
+    slot: int | None = None  # entry index whose gate (``steer(gate=)``) switches these terms on and off
 
     def to(self, device: torch.device, dtype: torch.dtype) -> _Group:
         f = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return _Group(self.operator, self.positions, f(self.u), f(self.amount), f(self.baseline), f(self.norm),
-                      f(self.on))
+                      f(self.on), self.slot)
 
 
 def _position_mask(positions: str | int, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -125,10 +129,13 @@ def _position_mask(positions: str | int, hidden: torch.Tensor, position_ids: tor
     return (position_ids.to(hidden.device) >= int(positions)).to(hidden.dtype)[..., None]
 
 
-def _apply(g: _Group, h: torch.Tensor, gain: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor:
+def _apply(g: _Group, h: torch.Tensor, gain: torch.Tensor | None, position_ids: torch.Tensor | None,
+           gate: torch.Tensor | None = None) -> torch.Tensor:
     """One group's operator on hidden states ``h`` [rows, T, H] (formulas: :mod:`steerlab.spec`)."""
     fit = lambda t: _fit_rows(t, h)  # noqa: E731
     u, amount, on = fit(g.u), fit(g.amount), fit(g.on)
+    if g.slot is not None and gate is not None:  # a closed gate is "no term" (not amount 0: target would still act)
+        on = on * fit(gate[:, g.slot : g.slot + 1])
     if gain is not None:
         amount = amount * fit(gain)
     mask = _position_mask(g.positions, h, position_ids)
@@ -161,7 +168,8 @@ def _apply(g: _Group, h: torch.Tensor, gain: torch.Tensor | None, position_ids: 
     return h + change * u * on
 
 
-def _make_steer_hook(add: torch.Tensor | None, groups: list[_Group], gain: torch.Tensor | None):  # noqa: ANN202
+def _make_steer_hook(add: torch.Tensor | None, groups: list[_Group], gain: torch.Tensor | None,
+                     gate: torch.Tensor | None = None):  # noqa: ANN202
     """A forward hook on one block: the summed plain adds, then each operator group in order."""
     if not groups and gain is None:
         # Hot path (every block call of every decoding step): one add, nothing else.
@@ -177,7 +185,7 @@ def _make_steer_hook(add: torch.Tensor | None, groups: list[_Group], gain: torch
         if add is not None:
             hidden = hidden + _fit_rows(add if gain is None else add * gain, hidden)
         for g in groups:
-            hidden = _apply(g, hidden, gain, kwargs.get("position_ids"))
+            hidden = _apply(g, hidden, gain, kwargs.get("position_ids"), gate)
         if isinstance(output, tuple):
             return (hidden, *output[1:])
         return hidden
@@ -194,13 +202,13 @@ def plan(lm, rows: Sequence[Sequence[Resolved]]) -> tuple[dict[int, torch.Tensor
         for j, res in enumerate(row):
             _check_hidden(lm, res)
             for t in res.terms:
-                if t.operator == "add" and t.positions == "all":
+                if t.operator == "add" and t.positions == "all" and not res.gated:
                     adds.setdefault(t.layer, torch.zeros(n, 1, hsz))[r, 0] += t.direction
                     continue
-                key = (t.layer, j, t.operator, str(t.positions))
+                key = (t.layer, j, t.operator, str(t.positions), res.gated)
                 if key not in groups:
                     z = lambda k: torch.zeros(n, 1, k)  # noqa: E731
-                    groups[key] = _Group(t.operator, t.positions, z(hsz), z(1), z(1), z(1), z(1))
+                    groups[key] = _Group(t.operator, t.positions, z(hsz), z(1), z(1), z(1), z(1), j if res.gated else None)
                 g = groups[key]
                 g.u[r, 0] = t.direction
                 g.amount[r, 0], g.baseline[r, 0], g.norm[r, 0], g.on[r, 0] = t.amount, t.baseline, t.norm, 1.0
@@ -219,6 +227,7 @@ def steer(
     norm_preserve: bool = False,
     operator: str | None = None,
     gain: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> Iterator[list[list[Resolved]]]:
     """Steer ``lm`` inside the ``with`` block; yields the resolved entries per row.
 
@@ -227,7 +236,9 @@ def steer(
     ``operator`` are call-level defaults for entries that set none (``norm_preserve`` is the
     older spelling of ``operator="add_norm"``). ``gain``: a ``[rows, 1, 1]`` tensor on the
     model's device that scales each row's steering at every step (the coherence governor
-    writes it between steps).
+    writes it between steps). ``gate``: a ``[rows, entries, 1]`` tensor of 0/1, entry ``j`` of a
+    row applies where ``gate[row, j]`` is 1 (for entries with a condition on the text so far; the
+    :class:`~steerlab.conditional.TextGate` writes it between steps).
     """
     if positions is not None:
         check_positions(positions)
@@ -235,12 +246,15 @@ def steer(
     resolved = resolve_rows(rows, lm.n_layers, positions=positions, operator=operator)
     if norm_preserve:
         resolved = [[_norm_preserving(r, lm.n_layers) for r in row] for row in resolved]
+    if gate is None and any(r.gated for row in resolved for r in row):
+        raise SteeringError("entries with a condition on the text need a gate: generate through "
+                            "steerlab.generate (it runs the conditions)")
     adds, groups = plan(lm, resolved)
     handles = []
     try:
         for layer in sorted(set(adds) | set(groups)):
             add = adds[layer].to(device=lm.device, dtype=lm.dtype) if layer in adds else None
-            hook = _make_steer_hook(add, [x.to(lm.device, lm.dtype) for x in groups.get(layer, [])], gain)
+            hook = _make_steer_hook(add, [x.to(lm.device, lm.dtype) for x in groups.get(layer, [])], gain, gate)
             with_kwargs = bool(groups.get(layer)) or gain is not None
             handles.append(lm.layers[layer].register_forward_hook(hook, with_kwargs=with_kwargs))
         yield resolved
@@ -315,6 +329,33 @@ def add_trainable(lm, deltas: dict[int, torch.Tensor], sign: torch.Tensor) -> It
         for layer, delta in deltas.items():
             handles.append(lm.layers[check_layers([layer], lm.n_layers)[0]].register_forward_hook(make(delta)))
         yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def watch(lm, dirs: dict[int, torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
+    """At every forward call, ``store[layer]`` = the last position's block output projected on
+    ``dirs[layer]`` (``[K, hidden]``): a ``[rows, K]`` fp32 tensor on the model's device.
+
+    Entered before :func:`steer`, its hook runs first, so it sees each block's output before that
+    block's own steering (steering at earlier blocks still reaches it).
+    """
+    layers = check_layers(list(dirs), lm.n_layers)
+    table = {x: dirs[x].to(device=lm.device, dtype=torch.float32).T for x in layers}
+    store: dict[int, torch.Tensor] = {}
+
+    def make(layer: int):  # noqa: ANN202
+        def hook(module, args, output):  # noqa: ANN001, ANN202
+            hidden = output[0] if isinstance(output, tuple) else output
+            store[layer] = hidden[:, -1].float() @ table[layer]
+
+        return hook
+
+    handles = [lm.layers[x].register_forward_hook(make(x)) for x in layers]
+    try:
+        yield store
     finally:
         for h in handles:
             h.remove()

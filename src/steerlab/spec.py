@@ -20,6 +20,10 @@ typical residual norm, ``b_l`` the typical projection of neutral text on ``u``, 
 
 ``target``, ``cap`` and ``rotate`` leave attention-sink tokens (norm above ``SINK_RATIO x n_l``) alone.
 
+Condition: ``when`` (a :class:`When`) makes the entry apply only where another vector's reading
+holds: on the ``prompt`` (checked once, before generating) or on the ``text`` generated so far
+(re-checked at every token; :mod:`steerlab.conditional` evaluates both).
+
 Dose: ``dose`` in ``[0, 1]`` maps linearly onto the vector's measured window for the operator
 (see :mod:`steerlab.calibrate` and :func:`dose_strength`): 0 is no effect, a small dose starts at
 half the measured onset (just below where the concept shows), 1 is the strongest strength that
@@ -49,6 +53,55 @@ BLEND_LIMIT = 1.7  # summed push of a blend (1 = one vector at dose 1) past whic
 DOSE_FLOOR = 0.5  # a dose just above 0 starts at this fraction of the onset (measured: below it nothing shows)
 
 
+CONDITION_STATS = ("mean", "peak")
+CONDITION_ON = ("prompt", "text")
+
+
+@dataclass(frozen=True)
+class When:
+    """Apply the entry only where ``vector``'s reading (``stat`` over the tokens) is >= ``threshold``.
+
+    ``on="prompt"``: the user's prompt, read once before generating. ``on="text"``: the reply
+    generated so far, re-read at every token, so the entry switches on and off while it writes.
+    ``vector`` is a :class:`~steerlab.vectors.SteeringVector`, or a name a store resolves (CLI, server).
+    ``value`` and ``baseline`` are filled when the condition is decided (never set them yourself).
+    """
+
+    vector: SteeringVector | str
+    threshold: float = 1.0
+    stat: str = "mean"
+    on: str = "prompt"
+    value: float | None = None  # the prompt's reading that decided it (on="prompt")
+    baseline: object | None = None  # the condition vector's neutral Baseline (on="text")
+
+    def __post_init__(self) -> None:
+        if self.stat not in CONDITION_STATS:
+            raise SteeringError(f"condition stat {self.stat!r}: use mean or peak")
+        if self.on not in CONDITION_ON:
+            raise SteeringError(f"condition on {self.on!r}: use prompt or text")
+        if not isinstance(self.threshold, (int, float)) or self.threshold != self.threshold:
+            raise SteeringError(f"condition threshold {self.threshold!r} is not a number")
+
+    @property
+    def name(self) -> str:
+        return self.vector if isinstance(self.vector, str) else self.vector.name
+
+    def describe(self) -> dict:
+        d = {"vector": self.name, "threshold": self.threshold, "stat": self.stat, "on": self.on}
+        return d | ({} if self.value is None else {"value": round(self.value, 3)})
+
+
+def parse_when(text: str) -> tuple[str, float | None]:
+    """The CLI's ``if=`` value: ``NAME`` (threshold given apart, or the default) or ``NAME>=X``."""
+    name, sep, value = text.partition(">=")
+    try:
+        if not name.strip() or any(c in name for c in "<>="):
+            raise ValueError
+        return name.strip(), float(value) if sep else None
+    except ValueError:
+        raise SteeringError(f"condition {text!r}: write NAME (with threshold=X) or NAME>=X, e.g. tabby_cats>=1.0") from None
+
+
 @dataclass(frozen=True)
 class Steer:
     """One vector, how much, how and where. Unset fields come from the vector's defaults.
@@ -57,6 +110,7 @@ class Steer:
     units per layer) and ``scale`` (absolute, the seed's ``STRENGTH``). ``positions``: ``all``,
     ``generated`` (only positions that produce new tokens) or an int ``p`` (absolute positions
     >= p). ``governor``: let the coherence governor lower this row's steering when it breaks.
+    ``when``: a :class:`When` condition (None: always applies).
     """
 
     vector: SteeringVector
@@ -67,6 +121,7 @@ class Steer:
     operator: str | None = None
     positions: str | int | None = None
     governor: bool | None = None
+    when: When | None = None
 
 
 SteerLike = "Steer | SteeringVector | tuple | Resolved"
@@ -123,7 +178,14 @@ class Resolved:
             d["strength"] = round(float(self.strength), 6)
         if self.note:
             d["note"] = self.note
+        if self.steer.when is not None:
+            d["when"] = self.steer.when.describe()
         return d
+
+    @property
+    def gated(self) -> bool:
+        """Switched on and off while generating (a condition on the text so far)."""
+        return self.steer.when is not None and self.steer.when.on == "text"
 
 
 def check_positions(p: str | int) -> str | int:
@@ -215,6 +277,9 @@ def resolve(item: SteerLike, n_layers: int, *, operator: str | None = None, posi
         return item
     st = as_steer(item)
     vec = st.vector
+    if st.when is not None and isinstance(st.when.vector, SteeringVector) and st.when.vector.hidden_size != vec.hidden_size:
+        raise SteeringError(f"{vec.name}: condition vector {st.when.name} has hidden size "
+                            f"{st.when.vector.hidden_size}, not {vec.hidden_size}")
     given = [k for k in ("dose", "strength", "scale") if getattr(st, k) is not None]
     if len(given) > 1:
         raise SteeringError(f"{vec.name}: give one of dose, strength or scale, not {' and '.join(given)}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -29,9 +29,11 @@ from ..personas import NAME_PATTERN, available_personas
 from ..store import VectorStore
 from . import bridge, security
 from .budget import PromptBudget, context_length
+from .conditions import annotate, decide_rows
 from .builds import Builds, BuildWorker
 from .guard import Guard, error_body
 from .limits import MAX_ERROR_ITEMS, MAX_NEW_TOKENS
+from .live_read import LiveRead, delta_frame
 from .openapi import GENERATION, errors, json_or_sse
 from .reading_api import Readers, check_read, read_rows
 from .reading_api import router as reading_router
@@ -132,7 +134,8 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
             raise HTTPException(404, "no pre-computed examples: run `steerlab examples`") from None
 
     # ---- generation -----------------------------------------------------------------------
-    async def make_job(req: GenerateRequest | CompareRequest, compare: bool) -> tuple[GenJob, bridge.Channel, list]:
+    async def make_job(req: GenerateRequest | CompareRequest, compare: bool
+                       ) -> tuple[GenJob, bridge.Channel, Callable[[Done | None], list]]:
         store.refresh()  # a vector file changed on disk (e.g. `steerlab sweep` stored new defaults): re-read it
         steers, applied = resolve_steering(req.steering, req.strength, store=store, lm=lm, settings=settings,
                                            dose=req.dose, governor=req.governor, positions=req.positions)
@@ -142,12 +145,16 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         opts = options(req, steers, lm=lm, max_new_tokens=req.max_length, chat=req.chat)
         n_prompt = await asyncio.to_thread(budget.prompt_tokens, req.prompt, opts.chat)
         budget.check(n_prompt, req.max_length)
+        rows, outcomes = await decide_rows(app.state, req.prompt, [[], steers] if compare else [steers])
         channel = bridge.Channel()
-        rows = [[], steers] if compare else [steers]
         job = GenJob(prompts=[req.prompt] * len(rows), steering=rows, options=opts, emit=channel.emit,
                      timeout_s=settings.request_timeout_s, prompt_tokens=n_prompt)
+        if req.stream and req.read:  # each token's reading streams too (the reader is made on the worker)
+            vecs = [store.vectors[n] for n in dict.fromkeys(req.read)]
+            job.live_read = LiveRead(lambda: app.state.readers.get(lm, vecs))
         bridge.submit(runner, job)
-        return job, channel, applied
+        # what was applied, with whether each condition fired (text conditions: known once done)
+        return job, channel, lambda done: annotate(applied, outcomes[-1], done.rows[-1].conditions if done else None)
 
     def meta(done: Done) -> dict[str, Any]:
         return {"batch": {"jobs": done.batch_jobs, "rows": done.batch_rows},
@@ -162,13 +169,12 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
                               chat=req.chat)
         return {**result, "read": dict(zip(rows, got))}
 
-    def stream(job: GenJob, channel: bridge.Channel, request: Request, rows: list[str], applied: list,
+    def stream(job: GenJob, channel: bridge.Channel, request: Request, rows: list[str], applied: Callable,
                payload, req) -> StreamingResponse:  # noqa: ANN001
         held: list[Done] = []
         frames = bridge.stream_events(
-            job, channel, request, first=[bridge.sse("start", {"rows": rows, "applied": applied})],
-            delta=lambda d: bridge.sse("delta", {"row": rows[d.row], "text": d.text}
-                                       | ({} if d.gain is None else {"gain": d.gain})),
+            job, channel, request, first=[bridge.sse("start", {"rows": rows, "applied": applied(None)})],
+            delta=lambda d: delta_frame(d, rows),
             done=lambda d: held.append(d) or [],  # sent below, after the readings (if any)
             error=lambda e: [bridge.sse("error", {"error": e.detail, "status": e.status_code})],
         )
@@ -191,8 +197,8 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
 
         def payload(done: Done) -> dict[str, Any]:
             row = done.rows[0]
-            return {"success": True, "prompt": req.prompt, "generated": row.text, "steering": label(applied),
-                    "applied": applied, "tokens": row.tokens, "finish_reason": row.finish_reason,
+            return {"success": True, "prompt": req.prompt, "generated": row.text, "steering": label(applied(None)),
+                    "applied": applied(done), "tokens": row.tokens, "finish_reason": row.finish_reason,
                     "governor": row.governor, **meta(done)}
 
         if req.stream:
@@ -208,7 +214,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         def payload(done: Done) -> dict[str, Any]:
             base, steered = done.rows
             return {"success": True, "prompt": req.prompt, "base": base.text, "steered": steered.text,
-                    "steering_type": label(applied), "applied": applied,
+                    "steering_type": label(applied(None)), "applied": applied(done),
                     "tokens": {"base": base.tokens, "steered": steered.tokens}, "governor": steered.governor,
                     **meta(done)}
 

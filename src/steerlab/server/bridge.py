@@ -16,7 +16,8 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 from ..errors import SteeringError
-from .runner import Busy, Delta, Done, Event, Failed, GenJob, JobCancelled, JobTimeout, Runner, _is_oom
+from .failures import is_oom as _is_oom
+from .runner import Busy, Delta, Done, Event, Failed, GenJob, JobCancelled, JobTimeout, Runner
 
 POLL_S = 0.5  # how often a waiting handler checks whether its client is still there
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..doctor import checkup
 from ..personas import Persona, build_persona
 from ..store import VectorStore
 from .schemas import BuildRequest
@@ -75,6 +76,7 @@ class Build:
     done: int = 0
     error: str | None = None
     vector: dict[str, Any] | None = None
+    doctor: dict[str, Any] | None = None  # the contrast set's grade and advice (steerlab.doctor.checkup)
     created: float = field(default_factory=time.time)
     finished: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -86,7 +88,7 @@ class Build:
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "state": self.state, "done": self.done, "total": self.total,
                 "progress": round(self.done / self.total, 3) if self.total else 0.0, "error": self.error,
-                "vector": self.vector, "status_url": f"/builds/{self.id}", "events_url": f"/builds/{self.id}/events"}
+                "vector": self.vector, "doctor": self.doctor, "status_url": f"/builds/{self.id}", "events_url": f"/builds/{self.id}/events"}
 
 
 class Builds:
@@ -142,6 +144,7 @@ class Builds:
                 vec = build_persona(model(), persona, batch_size=batch_size, progress=False, on_progress=progress)
                 if build.cancel.is_set():
                     raise BuildCancelled
+                build.doctor = checkup(model(), persona, vec.active_layers, batch_size=batch_size)
                 store.add(vec, overwrite=req.overwrite)
                 build.vector = describe(req.name, vec)
                 build.state = "done"

@@ -18,6 +18,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 from . import bridge
+from .conditions import annotate, decide_rows
 from .reading_api import check_read, read_rows
 from .openapi import GENERATION, errors, json_or_sse
 from .resolve import options, resolve_steering
@@ -65,8 +66,10 @@ async def chat_completions(req: ChatRequest, request: Request) -> Any:
     opts = options(req, steers, lm=lm, max_new_tokens=req.new_tokens, chat=chat)
     n_prompt = await asyncio.to_thread(state.budget.prompt_tokens, prompt, opts.chat)
     state.budget.check(n_prompt, req.new_tokens, field="messages", new_field="max_tokens")
+    user = next((m.text() for m in reversed(req.messages) if m.role == "user"), prompt)  # what conditions read
+    rows, outcomes = await decide_rows(state, user, [steers])
     channel = bridge.Channel()
-    job = GenJob(prompts=[prompt], steering=[steers], options=opts, emit=channel.emit,
+    job = GenJob(prompts=[prompt], steering=rows, options=opts, emit=channel.emit,
                  timeout_s=settings.request_timeout_s, prompt_tokens=n_prompt)
     bridge.submit(state.runner, job)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model or lm.model_id
@@ -89,7 +92,8 @@ async def chat_completions(req: ChatRequest, request: Request) -> Any:
         return {"id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": row.text},
                              "finish_reason": row.finish_reason, "logprobs": None}],
-                "usage": usage(done), "steering": applied, **(await reading(done))}
+                "usage": usage(done), "steering": annotate(applied, outcomes[0], done.rows[0].conditions),
+                **(await reading(done))}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

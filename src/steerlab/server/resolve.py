@@ -16,7 +16,7 @@ from fastapi import HTTPException
 
 from ..errors import SteeringError
 from ..generate import GenerationOptions
-from ..spec import DEFAULT_GOVERNOR, DEFAULT_OPERATOR, Resolved, Steer, default_dose, resolve, window
+from ..spec import DEFAULT_GOVERNOR, DEFAULT_OPERATOR, Resolved, Steer, When, default_dose, resolve, window
 from ..personas import builtin_names
 from ..store import VectorStore
 from ..vectors import SteeringVector
@@ -115,9 +115,15 @@ def resolve_steering(steering: list[SteerEntry] | None, strength: float | None, 
         if not amount:
             amount = {"dose": dose} if dose is not None else {"strength": strength} if strength is not None else \
                 {"strength": settings.strength} if settings.strength is not None else {}
+        when = None
+        if entry.when is not None:  # an unknown condition vector is a 404 before anything runs
+            other = store.vectors.get(entry.when.vector)
+            if other is None:
+                raise unknown_vector(entry.when.vector, store)
+            when = When(other, threshold=entry.when.threshold, stat=entry.when.stat, on=entry.when.on)
         st = Steer(vec, layers=tuple(entry.layers) if entry.layers else None, operator=entry.operator,
                    positions=entry.positions, governor=entry.governor if entry.governor is not None else governor,
-                   **amount)
+                   when=when, **amount)
         try:
             out.append(resolve(st, lm.n_layers, positions=positions))
         except SteeringError as exc:

@@ -47,6 +47,9 @@ from transformers.generation.streamers import BaseStreamer
 from ..generate import GenerationOptions, _eos_ids
 from ..spec import Resolved
 from . import slices
+from .failures import is_oom as _is_oom
+from .failures import short as _short
+from .live_read import live_reads
 
 log = logging.getLogger("steerlab.server")
 
@@ -75,6 +78,7 @@ class Delta:
     row: int
     text: str
     gain: float | None = None  # the governor's gain on this row's steering for these tokens (None: no governor)
+    read: tuple | None = None  # (start, end, {vector: reading}) of an earlier token, text "" (server.live_read)
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class RowResult:
     prompt_tokens: int
     finish_reason: str  # "stop" (end of text) or "length" (token limit)
     governor: dict | None = None  # what the coherence governor did to this row (None: it did not run)
+    conditions: list[dict] | None = None  # what its text conditions did (steerlab.conditional.TextGate)
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,7 @@ class GenJob:
     created: float = field(default_factory=time.monotonic)
     finished: bool = False  # set once Done/Failed was emitted (worker thread only)
     outcome: str | None = None  # "done", "cancelled", "timed_out" or "failed", once finished
+    live_read: Any = None  # a server.live_read.LiveRead: stream each token's reading
 
     @property
     def deadline(self) -> float:
@@ -281,10 +287,11 @@ class _BatchStreamer(BaseStreamer):
                 tail, text = self.texts[r].final(self.ids[r])
                 if tail:  # a held-back tail
                     job.emit(Delta(self.slots[r][1], tail))
-                gov = self.report.get("live")
+                gov, gate = self.report.get("live"), self.report.get("gate")
                 summary = gov.summary()[r] if gov is not None and bool(gov.on[r]) else None
                 rows.append(RowResult(text=text.strip(), tokens=len(self.ids[r]), prompt_tokens=self.prompt_tokens[r],
-                                      finish_reason=self.reason[r] or "length", governor=summary))
+                                      finish_reason=self.reason[r] or "length", governor=summary,
+                                      conditions=gate.summary()[r] if gate is not None else None))
         now = time.monotonic()
         first = self.first_token.get(job)
         job.end(Done(rows=rows, batch_jobs=self.n_jobs, batch_rows=len(self.slots),
@@ -557,8 +564,9 @@ class Runner:
                                        keep_going=lambda: self._keep_prefilling(streamer, stop))
                 t0 = time.monotonic()
             if not stop.is_set():
-                state = slices.run(self.lm, state, run.steering, opts, streamer=streamer, stop=stop,
-                                   max_new_tokens=opts.max_new_tokens - state.generated, report=streamer.report)
+                with live_reads(self.lm, run.jobs, streamer) as put:
+                    state = slices.run(self.lm, state, run.steering, opts, streamer=put, stop=stop,
+                                       max_new_tokens=opts.max_new_tokens - state.generated, report=streamer.report)
         except Exception as exc:  # reported to the jobs of the batch (alone, see below)
             log.exception("runner: generation failed")
             error = exc
@@ -630,18 +638,3 @@ class Runner:
                 job.end(Failed(error))
         elif item.future.set_running_or_notify_cancel():
             item.future.set_exception(error)
-
-
-def _is_oom(error: BaseException) -> bool:
-    """Out of memory, on an accelerator or the CPU (torch's CPU allocator raises a RuntimeError)."""
-    oom = getattr(torch, "OutOfMemoryError", None)
-    if (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(
-        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc"))
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-    text = str(error).replace("\n", " ")
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -52,6 +52,20 @@ def check_steering(v: Any) -> Any:
     return v
 
 
+class ConditionEntry(BaseModel):
+    """Apply the entry only where another vector's reading holds (docs/glassbox.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vector: VectorName = Field(description="The vector whose reading decides (see GET /vectors).")
+    threshold: float = Field(1.0, ge=-100, le=100, description="Fires when the reading is >= this, in neutral "
+                                                               "standard deviations (0 = typical neutral text).")
+    stat: Literal["mean", "peak"] = Field("mean", description="Mean over the tokens, or the highest token.")
+    on: Literal["prompt", "text"] = Field(
+        "prompt", description="prompt: checked once on the prompt before generating (a row that does not fire is "
+                              "exactly unsteered); text: re-checked at every token on the reply written so far.")
+
+
 class SteerEntry(BaseModel):
     """One vector at one dose. Omitted fields fall back to the request's, then the vector's."""
 
@@ -73,6 +87,9 @@ class SteerEntry(BaseModel):
         None, description="Steer every position, only generated ones, or positions >= N; default: the vector's.")
     governor: bool | None = Field(None, description="Lower this row's steering while its text breaks; "
                                                     "default: the request's, then the vector's.")
+    when: ConditionEntry | None = Field(None, description='Only when another vector reads high, e.g. {"vector": '
+                                                          '"tabby_cats", "threshold": 1.0}; the answer\'s `applied` '
+                                                          'says whether it fired.')
 
 
 Steering = list[SteerEntry] | None

@@ -21,10 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..cpu_matmul import decode_matmuls
-from ..generate import GenerationOptions, encode_prompts, generation_kwargs, governor_for
+from ..generate import GenerationOptions, encode_prompts, generation_kwargs, steering_session
 from ..hooks import steer
 from ..spec import resolve_rows
 
@@ -72,7 +71,7 @@ def prefill(lm, state: SliceState, steering: list[list], opts: GenerationOptions
     resolved = resolve_rows(steering, lm.n_layers, positions=opts.positions,
                             operator="add_norm" if opts.norm_preserve else None)
     # entries steering only generated positions leave the prompt alone; "from N" entries use position ids
-    rows = [[r for r in row if r.positions != "generated"] for row in resolved]
+    rows = [[r for r in row if r.positions != "generated" and not r.gated] for row in resolved]  # text gates start closed
     with steer(lm, rows):
         while total - done > chunk and keep_going():
             end = done + chunk
@@ -89,18 +88,14 @@ def run(lm, state: SliceState, steering: list[list], opts: GenerationOptions, *,
         max_new_tokens: int, report: dict | None = None) -> SliceState:  # noqa: ANN001
     """Generate up to ``max_new_tokens`` more (fewer when ``stop`` is set); the state to resume from.
 
-    ``report`` gets the governor under ``"live"`` while it runs (as :func:`steerlab.generate.generate`)."""
+    ``report`` gets the governor under ``"live"`` and the text conditions' gate under ``"gate"`` while
+    they run (as :func:`steerlab.generate.generate`); a resumed slice keeps the gate (and what it read)."""
     kwargs: dict[str, Any] = generation_kwargs(lm, replace(opts, max_new_tokens=max_new_tokens))
     resolved = resolve_rows(steering, lm.n_layers, positions=opts.positions,
                             operator="add_norm" if opts.norm_preserve else None)
-    gov = governor_for(lm, resolved, state.ids.shape[0])
-    if gov is not None:
-        kwargs["logits_processor"] = LogitsProcessorList([gov])
-        if report is not None:
-            report["live"] = gov
     if state.cache is not None:  # transformers 5 calls it `cache`; 4.x `past_key_values`
         kwargs["cache" if _NEW_CACHE_NAME else "past_key_values"] = state.cache
-    with steer(lm, resolved, gain=gov.gain if gov else None), decode_matmuls(lm):
+    with steering_session(lm, resolved, state.ids.shape[0], kwargs, report, resume=state.generated > 0):
         out = lm.model.generate(input_ids=state.ids, attention_mask=state.mask, streamer=streamer,
                                 stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
                                 return_dict_in_generate=True, use_cache=True, **kwargs)
