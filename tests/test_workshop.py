@@ -104,7 +104,7 @@ def test_the_handout_has_every_step_and_each_runnable_block_is_checked():
 
     text = HANDOUT.read_text(encoding="utf-8")
     for cmd in ("steerlab build", "steerlab generate", "steerlab inspect", "steerlab doctor", "steerlab sweep",
-                "--dose", "--steer weeknd:dose", "conditional_rows", "steerlab export"):
+                "--dose", "--steer weeknd:dose", ":if=tabby_cats", "steerlab export"):
         assert cmd in text, cmd
     n = 0
     for b in runnable():
