@@ -50,7 +50,7 @@ def test_file_layout_keys_and_default_layers(vec, tmp_path):
     assert fields["controlvector.model_hint"] == "tiny-llama"
     assert fields["controlvector.layer_count"] == 2
     assert set(tensors) == {"direction.2", "direction.3"}  # the vector's default layers only
-    for name, (ttype, shape, _) in tensors.items():
+    for _name, (ttype, shape, _) in tensors.items():
         assert ttype == gguf.GGMLQuantizationType.F32 and shape == [64]
 
 

@@ -13,14 +13,12 @@ import time
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
 
 from steerlab.server import ServerSettings, create_app
 from steerlab.server.background import serve_in_thread
 from steerlab.server.serving import RepeatFilter, make_server
 from steerlab.store import VectorStore
 
-from helpers import SLOW_STEP_S as STEP_S  # noqa: E402
 
 
 

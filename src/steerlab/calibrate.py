@@ -25,7 +25,8 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessorList
@@ -37,6 +38,10 @@ from .generate import GenerationOptions, encode_prompts, generation_kwargs, gove
 from .hooks import capture, steer
 from .spec import DEFAULT_OPERATOR, OPERATORS, Steer, resolve_rows, window_key
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .embed import Embedder
+    from .models import LoadedModel
 
 ONSET_C = 0.2  # mean concept component C that counts as "clearly there" (the base replies have 0)
 ONSET_Z = 0.5  # without an embedder: concept-reading gain, in neutral token spreads
@@ -97,7 +102,7 @@ class Window:
             "reading": [r(x.reading) for x in self.rungs], "fluency": [r(x.fluency) for x in self.rungs],
             "concept_measure": self.concept_measure, "governor": self.governor, "prompts": len(self.base_replies),
             "new_tokens": NEW_TOKENS, "seconds": round(self.seconds, 1),
-            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
 
@@ -115,7 +120,7 @@ def _crossing(xs: Sequence[float], ys: Sequence[float], level: float, *, rising:
 
 
 @torch.no_grad()
-def neutral_statistics(lm, vec: SteeringVector, prompts: Sequence[str], *, chat: bool | None = None
+def neutral_statistics(lm: LoadedModel, vec: SteeringVector, prompts: Sequence[str], *, chat: bool | None = None
                        ) -> tuple[dict[int, float], dict[int, float]]:
     """Per layer, mean and spread of neutral prompt tokens' projections on the unit direction."""
     enc = encode_prompts(lm, prompts, chat)
@@ -134,14 +139,16 @@ def neutral_statistics(lm, vec: SteeringVector, prompts: Sequence[str], *, chat:
 
 
 @torch.no_grad()
-def _replies(lm, prompts: list[str], rows: list[list[Steer]], opts: GenerationOptions) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _replies(lm: LoadedModel, prompts: list[str], rows: list[list[Steer]],
+             opts: GenerationOptions) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Greedy replies of every row in one batch: (ids incl. prompt, reply-token mask, prompt width)."""
     enc = encode_prompts(lm, prompts, opts.chat)
     resolved = resolve_rows(rows, lm.n_layers)
     gov = governor_for(lm, resolved, len(prompts))
     extra = {"logits_processor": LogitsProcessorList([gov])} if gov else {}
     with steer(lm, resolved, gain=gov.gain if gov else None), decode_matmuls(lm):
-        out = lm.model.generate(**enc, **generation_kwargs(lm, opts), **extra)
+        out = lm.model.generate(  # type: ignore[operator]
+           **enc, **generation_kwargs(lm, opts), **extra)
     width = enc["input_ids"].shape[1]
     new = out[:, width:]
     eos = torch.tensor(generation_kwargs(lm, opts)["eos_token_id"], device=out.device)
@@ -150,8 +157,9 @@ def _replies(lm, prompts: list[str], rows: list[list[Steer]], opts: GenerationOp
 
 
 @torch.no_grad()
-def _score(lm, vec: SteeringVector, layers: Sequence[int], ids: torch.Tensor, mask: torch.Tensor, width: int,
-           means: dict[int, float], sds: dict[int, float], batch_size: int = 16) -> tuple[list[float], list[float]]:
+def _score(lm: LoadedModel, vec: SteeringVector, layers: Sequence[int], ids: torch.Tensor, mask: torch.Tensor,
+           width: int, means: dict[int, float], sds: dict[int, float],
+           batch_size: int = 16) -> tuple[list[float], list[float]]:
     """Per row: perplexity of the reply under the unsteered model, and its concept reading."""
     ppl, reading = [], []
     for i in range(0, ids.shape[0], batch_size):
@@ -172,9 +180,9 @@ def _score(lm, vec: SteeringVector, layers: Sequence[int], ids: torch.Tensor, ma
     return ppl, reading
 
 
-def calibrate(lm, vec: SteeringVector, *, operator: str = "add", layers: Sequence[int] | None = None,  # noqa: ANN001
+def calibrate(lm: LoadedModel, vec: SteeringVector, *, operator: str = "add", layers: Sequence[int] | None = None,
               prompts: Sequence[str] | None = None, strengths: Sequence[float] | None = None,
-              repetition_penalty: float = 1.2, governor: bool = False, embedder=None,  # noqa: ANN001
+              repetition_penalty: float = 1.2, governor: bool = False, embedder: Embedder | None = None,
               reference: float | None = None, statistics: tuple[dict, dict] | None = None,
               progress: Callable[[str], None] | None = None) -> Window:
     """Measure the dose window of ``vec`` under ``operator`` at ``layers`` (default: its active layers)."""
@@ -231,14 +239,15 @@ def with_window(vec: SteeringVector, window: Window, *, make_default: bool = Fal
     """The vector with ``window`` stored (and its operator made the default when asked)."""
     windows = dict(vec.extra.get("windows") or {})
     windows[window_key(window.operator, window.governor)] = window.record()
-    extra = {"windows": windows}
+    extra: dict[str, Any] = {"windows": windows}
     if make_default:
         extra["operator"] = window.operator
     return vec.with_defaults(**extra)
 
 
-def measure(lm, vec: SteeringVector, *, operators: Sequence[str] | None = None, layers: Sequence[int] | None = None,  # noqa: ANN001
-            governor: bool | None = None, embedder=None, reference: float | None = None,  # noqa: ANN001
+def measure(lm: LoadedModel, vec: SteeringVector, *, operators: Sequence[str] | None = None,
+            layers: Sequence[int] | None = None, governor: bool | None = None, embedder: Embedder | None = None,
+            reference: float | None = None,
             progress: Callable[[str], None] | None = None) -> tuple[SteeringVector, list[Window]]:
     """Calibrate ``vec`` for each operator (default: its own); store every window and the statistics."""
     ops = list(operators or [vec.extra.get("operator", DEFAULT_OPERATOR)])
@@ -256,7 +265,7 @@ def measure(lm, vec: SteeringVector, *, operators: Sequence[str] | None = None, 
     return vec, windows
 
 
-def default_embedder():  # noqa: ANN201
+def default_embedder() -> Embedder | None:
     """The bundled sentence embedder, or None (calibration then uses the concept reading)."""
     from .embed import load_embedder
     from .errors import ModelLoadError
@@ -267,8 +276,8 @@ def default_embedder():  # noqa: ANN201
         return None
 
 
-def calibrated(lm, vec: SteeringVector, *, operators: Sequence[str] | None = None,  # noqa: ANN001
-               layers: Sequence[int] | None = None, governor: bool | None = None, embedder=None,  # noqa: ANN001
+def calibrated(lm: LoadedModel, vec: SteeringVector, *, operators: Sequence[str] | None = None,
+               layers: Sequence[int] | None = None, governor: bool | None = None, embedder: Embedder | None = None,
                progress: Callable[[str], None] | None = None) -> tuple[SteeringVector, list[Window]]:
     """:func:`measure` with the bundled embedder and, for a persona, its positives as the concept reference."""
     from .evaluate import reference_similarity

@@ -18,18 +18,25 @@ import logging
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .errors import SteeringError
-from .options import load_lm, model_options, open_store, vectors_option
+from .options import F, load_lm, model_options, open_store, vectors_option
 
+if TYPE_CHECKING:
+    from .generate import GenerationOptions
+    from .models import LoadedModel
+    from .spec import Steer
+    from .store import VectorStore
+    from .vectors import SteeringVector
 
 
 class _Group(click.Group):
     """Turns SteeringError into one clean line (traceback with --debug)."""
 
-    def invoke(self, ctx: click.Context):  # noqa: ANN201
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SteeringError as exc:
@@ -65,7 +72,7 @@ def _quiet_transformers() -> None:
 
 
 # ---- shared options ------------------------------------------------------------------------
-def generation_options(f):  # noqa: ANN001, ANN201
+def generation_options(f: F) -> F:
     opts = [
         click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096),
                      help="Tokens to generate."),
@@ -107,7 +114,9 @@ _STEER_HELP = "use NAME, NAME:STRENGTH or NAME:dose=0.5[:op=add|add_norm|target|
 
 
 def parse_steer(spec: str) -> tuple[str, dict]:
-    """``name``, ``name:strength`` or ``name:key=value[:key=value...]`` (dose, strength, scale, op, positions, governor)."""
+    """``name``, ``name:strength`` or ``name:key=value[:key=value...]``.
+
+    Keys: dose, strength, scale, op, positions, governor."""
     name, *parts = spec.split(":")
     fields: dict = {}
     try:
@@ -134,7 +143,7 @@ def parse_steer(spec: str) -> tuple[str, dict]:
     return name, fields
 
 
-def _steering(lm, store, kw: dict) -> list:  # noqa: ANN001
+def _steering(lm: LoadedModel, store: VectorStore, kw: dict[str, Any]) -> list:
     """--steer entries as Steer specs: each entry's own fields > --dose/--strength/--scale and friends."""
     from .layers import parse_layers
     from .spec import Steer, parse_positions
@@ -144,7 +153,8 @@ def _steering(lm, store, kw: dict) -> list:  # noqa: ANN001
     layers = tuple(parse_layers(kw["layer_spec"], lm.n_layers)) if kw["layer_spec"] else None
     shared = {k: kw[k] for k in ("dose", "strength", "scale") if kw.get(k) is not None}
     if len(shared) > 1:
-        raise click.UsageError(f"give one of --dose, --strength or --scale, not {' and '.join('--' + k for k in shared)}")
+        given = " and ".join("--" + k for k in shared)
+        raise click.UsageError(f"give one of --dose, --strength or --scale, not {given}")
     out = []
     for spec in kw["steers"]:
         name, fields = parse_steer(spec)
@@ -159,7 +169,7 @@ def _steering(lm, store, kw: dict) -> list:  # noqa: ANN001
     return out
 
 
-def _options(kw: dict, steering=None):  # noqa: ANN001, ANN202
+def _options(kw: dict[str, Any]) -> GenerationOptions:
     from .generate import GenerationOptions
 
     return GenerationOptions(
@@ -169,7 +179,7 @@ def _options(kw: dict, steering=None):  # noqa: ANN001, ANN202
     )
 
 
-def _describe(steering, lm) -> str:  # noqa: ANN001
+def _describe(steering: list[Steer], lm: LoadedModel) -> str:
     from .spec import resolve
 
     parts = []
@@ -212,8 +222,10 @@ def _describe(steering, lm) -> str:  # noqa: ANN001
               help="Text file, one negative text per line (with --positive and --name).")
 @click.option("--name", default=None, help="Name of the vector built from --pair, --contrast or --positive/--negative.")
 @model_options
-def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_length, demo_prompt, force,
-          do_calibrate, pair, contrast, positive_file, negative_file, name, model_id, device, dtype) -> None:  # noqa: ANN001
+def build(personas: tuple[str, ...], out_dir: Path | None, layer_spec: str, method: str | None, pooling: str | None,
+          chat: bool | None, batch_size: int, max_length: int, demo_prompt: str, force: bool, do_calibrate: bool,
+          pair: tuple[str, str] | None, contrast: Path | None, positive_file: Path | None, negative_file: Path | None,
+          name: str | None, model_id: str | None, device: str, dtype: str) -> None:
     """Build steering vectors from persona contrast sets (default: all built-in personas).
 
     PERSONAS are names (built-in or in the user personas folder) or paths to .toml files.
@@ -236,7 +248,8 @@ def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_
     click.echo(f"model: {lm.model_id} on {lm.device} ({lm.dtype}), {lm.n_layers} layers, hidden {lm.hidden_size}")
     click.echo(f"vectors folder: {store.folder}")
     layers = parse_layers(layer_spec, lm.n_layers)
-    overrides = {k: v for k, v in dict(method=method, pooling=pooling, chat=chat).items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in dict(method=method, pooling=pooling, chat=chat).items()
+                                 if v is not None}
     for i, persona in enumerate(chosen, 1):
         path = store.folder / (persona.name + ".safetensors")
         built = not (persona.name in store.vectors and not force)
@@ -261,11 +274,11 @@ def build(personas, out_dir, layer_spec, method, pooling, chat, batch_size, max_
         click.echo(f"  {'saved:  ' if built else 'kept:   '} {path}")
 
 
-def _calibrate(lm, vec, **kw):  # noqa: ANN001, ANN202
+def _calibrate(lm: LoadedModel, vec: SteeringVector) -> SteeringVector:
     from .calibrate import calibrated, describe_window
 
     click.echo(f"  measuring the dose window of {vec.name} ...")
-    vec, windows = calibrated(lm, vec, **kw)
+    vec, windows = calibrated(lm, vec)
     for w in windows:
         click.echo(f"  {describe_window(w)}")
     return vec
@@ -275,13 +288,16 @@ def _calibrate(lm, vec, **kw):  # noqa: ANN001, ANN202
 @click.argument("names", nargs=-1, required=True)
 @click.option("--operator", "operators", default=None, metavar="OP[,OP...]|all",
               help="Operators to measure: add, add_norm, target, cap, rotate, or all (default: the vector's).")
-@click.option("--layer", "layer_spec", default=None, help="Layers to measure at (default: the vector's default layers).")
-@click.option("--governor/--no-governor", default=None, help="Measure with the coherence governor (default: the vector's).")
+@click.option("--layer", "layer_spec", default=None,
+              help="Layers to measure at (default: the vector's default layers).")
+@click.option("--governor/--no-governor", default=None,
+              help="Measure with the coherence governor (default: the vector's).")
 @click.option("--default", "make_default", is_flag=True,
               help="Make the widest measured window's operator the vector's default.")
 @vectors_option
 @model_options
-def calibrate(names, operators, layer_spec, governor, make_default, vectors_dir, model_id, device, dtype) -> None:  # noqa: ANN001
+def calibrate(names: tuple[str, ...], operators: str | None, layer_spec: str | None, governor: bool | None,
+              make_default: bool, vectors_dir: Path | None, model_id: str | None, device: str, dtype: str) -> None:
     """Measure (again) the dose window of vectors NAMES: onset, breakdown and dose 1.
 
     Generates greedy replies to 4 neutral prompts at a ladder of strengths in one batch and
@@ -323,7 +339,7 @@ def _snip(text: str, width: int = 100) -> str:
 @generation_options
 @vectors_option
 @model_options
-def generate(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noqa: ANN001
+def generate(prompt: str, vectors_dir: Path | None, model_id: str | None, device: str, dtype: str, **kw: Any) -> None:
     """Generate a completion of PROMPT, steered by --steer vectors (none: base model)."""
     lm = load_lm(model_id, device, dtype)  # first: it says "loading ..." when that is slow
     from .generate import generate as run, stream
@@ -332,11 +348,11 @@ def generate(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noq
     if steering:
         click.echo(f"# steering: {_describe(steering, lm)}", err=True)
     if sys.stdout.isatty():  # a person watching: show tokens as they come
-        for _row, delta in stream(lm, [prompt], [steering], options=_options(kw, steering)):
+        for _row, delta in stream(lm, [prompt], [steering], options=_options(kw)):
             click.echo(delta, nl=False)
         click.echo()
     else:
-        click.echo(run(lm, prompt, steering, options=_options(kw, steering))[0])
+        click.echo(run(lm, prompt, steering, options=_options(kw))[0])
 
 
 @main.command()
@@ -344,13 +360,13 @@ def generate(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noq
 @generation_options
 @vectors_option
 @model_options
-def compare(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noqa: ANN001
+def compare(prompt: str, vectors_dir: Path | None, model_id: str | None, device: str, dtype: str, **kw: Any) -> None:
     """Base vs steered completion of PROMPT, generated together in one batch."""
     lm = load_lm(model_id, device, dtype)  # first: it says "loading ..." when that is slow
     from .generate import compare as run
 
     steering = _steering(lm, open_store(lm, vectors_dir), kw)
-    base, steered = run(lm, prompt, steering, options=_options(kw, steering))
+    base, steered = run(lm, prompt, steering, options=_options(kw))
     click.echo(click.style("=== base ===", bold=True))
     click.echo(base)
     click.echo(click.style(f"=== steered: {_describe(steering, lm)} ===", bold=True))
@@ -360,7 +376,7 @@ def compare(prompt, vectors_dir, model_id, device, dtype, **kw) -> None:  # noqa
 @main.command("list")
 @vectors_option
 @click.option("--details", is_flag=True, help="Also show each vector's logit lens (loads the model).")
-def list_(vectors_dir, details) -> None:  # noqa: ANN001
+def list_(vectors_dir: Path | None, details: bool) -> None:
     """List built vectors (with metadata) and personas available to build."""
     from .paths import default_vectors_dir
     from .personas import available_personas, load_vectors

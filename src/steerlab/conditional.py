@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .errors import SteeringError
 from .hooks import Steer, SteerLike, as_steer
 from .reading import Reader
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Conditional:
     condition: Condition | None = None
 
 
-def conditional_rows(lm, prompts: Sequence[str], entries: Sequence[Conditional | SteerLike], *,  # noqa: ANN001
+def conditional_rows(lm: LoadedModel, prompts: Sequence[str], entries: Sequence[Conditional | SteerLike], *,
                      reader: Reader | None = None) -> tuple[list[list[Steer]], list[dict[str, float]]]:
     """Per-row steering for ``prompts`` and, per row, each condition vector's reading of the prompt.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +27,9 @@ from .hooks import capture, run_until_captured
 from .layers import check_layers
 from .methods import Method, get_method
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 def parse_pooling(pooling: str) -> tuple[str, int]:
@@ -68,7 +72,7 @@ def pooling_weights(mask: torch.Tensor, pooling: str, skip: torch.Tensor | None 
     return w / w.sum(dim=1, keepdim=True)
 
 
-def _encode(lm, texts: Sequence[str], max_length: int, chat: bool) -> tuple[dict, torch.Tensor]:
+def _encode(lm: LoadedModel, texts: Sequence[str], max_length: int, chat: bool) -> tuple[dict, torch.Tensor]:
     """Tokenise a batch; return model inputs and the per-row count of leading tokens to skip."""
     tok = lm.tokenizer
     if chat:
@@ -86,7 +90,7 @@ def _encode(lm, texts: Sequence[str], max_length: int, chat: bool) -> tuple[dict
 
 @torch.no_grad()
 def pooled_activations(
-    lm,
+    lm: LoadedModel,
     texts: Sequence[str],
     layers: Sequence[int],
     *,
@@ -125,7 +129,7 @@ def pooled_activations(
         if on_progress is not None:
             on_progress(min(i + batch_size, len(texts)), len(texts))
     acts = {layer: torch.cat(chunks) for layer, chunks in pooled.items()}
-    return acts, {layer: (s, n) for layer, (s, n) in norm_sum.items()}
+    return acts, {layer: (s, int(n)) for layer, (s, n) in norm_sum.items()}
 
 
 def contrast_hash(positive: Sequence[str], negative: Sequence[str]) -> str:
@@ -135,7 +139,7 @@ def contrast_hash(positive: Sequence[str], negative: Sequence[str]) -> str:
 
 
 def build_vector(
-    lm,
+    lm: LoadedModel,
     positive: Sequence[str],
     negative: Sequence[str],
     *,
@@ -165,7 +169,8 @@ def build_vector(
         raise SteeringError("need at least one positive and one negative text")
     layers = check_layers(list(layers) if layers is not None else [lm.n_layers // 2], lm.n_layers)
     method_name, fn = get_method(method)
-    kw = dict(pooling=pooling, batch_size=batch_size, max_length=max_length, chat=chat, progress=progress)
+    kw: dict[str, Any] = dict(pooling=pooling, batch_size=batch_size, max_length=max_length, chat=chat,
+                              progress=progress)
     total = len(positive) + len(negative)
     pos_cb = neg_cb = None
     if on_progress is not None:

@@ -10,6 +10,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -19,6 +20,9 @@ from .cpu_matmul import decode_matmuls
 from .governor import Governor
 from .hooks import RowSteering, steer, steering_rows
 from .spec import Resolved, resolve_rows
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -40,14 +44,14 @@ class _Cancel(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001, ANN204
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class _RowStreamer(BaseStreamer):
     """Pushes ``(row, text_delta)`` for every row of a batch as tokens arrive."""
 
-    def __init__(self, tokenizer, rows: int, out: queue.Queue) -> None:  # noqa: ANN001
+    def __init__(self, tokenizer: Any, rows: int, out: queue.Queue) -> None:
         self.tok = tokenizer
         self.ids: list[list[int]] = [[] for _ in range(rows)]
         self.sent = [""] * rows
@@ -78,7 +82,7 @@ class _RowStreamer(BaseStreamer):
         pass
 
 
-def _eos_ids(tok) -> list[int]:  # noqa: ANN001
+def _eos_ids(tok: Any) -> list[int]:
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     for special in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
         tid = tok.convert_tokens_to_ids(special)
@@ -87,14 +91,14 @@ def _eos_ids(tok) -> list[int]:  # noqa: ANN001
     return sorted(ids)
 
 
-def governor_for(lm, resolved: Sequence[Sequence[Resolved]], n_rows: int) -> Governor | None:  # noqa: ANN001
+def governor_for(lm: LoadedModel, resolved: Sequence[Sequence[Resolved]], n_rows: int) -> Governor | None:
     """A governor for the rows whose entries ask for one (None when no row does)."""
     rows = resolved if len(resolved) == n_rows else [resolved[0]] * n_rows
     governed = [any(r.governor for r in row) for row in rows]
     return Governor(governed, device=lm.device, dtype=lm.dtype) if any(governed) else None
 
 
-def generation_kwargs(lm, opts: GenerationOptions) -> dict:  # noqa: ANN001
+def generation_kwargs(lm: LoadedModel, opts: GenerationOptions) -> dict:
     """``model.generate`` settings for ``opts`` (sampling, eos ids, repetition penalty)."""
     sample = opts.temperature > 0
     kwargs = dict(
@@ -111,7 +115,7 @@ def generation_kwargs(lm, opts: GenerationOptions) -> dict:  # noqa: ANN001
     return kwargs
 
 
-def encode_prompts(lm, prompts: Sequence[str], chat: bool | None) -> dict[str, torch.Tensor]:
+def encode_prompts(lm: LoadedModel, prompts: Sequence[str], chat: bool | None) -> dict[str, torch.Tensor]:
     """Format (chat template or raw) and left-pad a batch of prompts."""
     use_chat = lm.has_chat_template if chat is None else chat
     texts = [lm.format_prompt(p, chat=use_chat) for p in prompts]
@@ -122,7 +126,7 @@ def encode_prompts(lm, prompts: Sequence[str], chat: bool | None) -> dict[str, t
 
 @torch.no_grad()
 def generate(
-    lm,
+    lm: LoadedModel,
     prompts: str | Sequence[str],
     steering: Sequence[RowSteering] | RowSteering | None = None,
     *,
@@ -156,7 +160,8 @@ def generate(
         if report is not None:
             report["live"] = gov  # a streamer may read the gains while tokens arrive
     with steer(lm, resolved, gain=gov.gain if gov else None), decode_matmuls(lm):
-        out = lm.model.generate(**enc, streamer=streamer, **kwargs)
+        out = lm.model.generate(  # type: ignore[operator]
+           **enc, streamer=streamer, **kwargs)
     if report is not None:
         report["steering"] = [[r.describe() for r in row] for row in resolved]
         if gov is not None:
@@ -166,7 +171,7 @@ def generate(
 
 
 def compare(
-    lm,
+    lm: LoadedModel,
     prompt: str,
     steering: RowSteering,
     *,
@@ -178,7 +183,7 @@ def compare(
 
 
 def stream(
-    lm,
+    lm: LoadedModel,
     prompts: Sequence[str],
     steering: Sequence[RowSteering] | RowSteering | None = None,
     *,

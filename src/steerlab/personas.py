@@ -16,6 +16,9 @@ Built-in personas ship in ``steerlab/personas/*.toml``; users add their own in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import re
 import tomllib
 from dataclasses import dataclass
@@ -26,7 +29,11 @@ from .errors import PersonaError, VectorFileError
 from .paths import user_personas_dir
 from .vectors import SteeringVector
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # use fullmatch: "$" also matches before a final newline
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
+# use fullmatch: "$" also matches before a final newline
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -131,13 +138,13 @@ def get_persona(name_or_path: str) -> Persona:
     return parse_persona(data, str(entry))
 
 
-def build_persona(lm, persona: Persona, *, layers: list[int] | None = None, batch_size: int = 16,
-                  max_length: int = 256, progress: bool = True, **overrides) -> SteeringVector:  # noqa: ANN001
+def build_persona(lm: LoadedModel, persona: Persona, *, layers: list[int] | None = None, batch_size: int = 16,
+                  max_length: int = 256, progress: bool = True, **overrides: Any) -> SteeringVector:
     """Build a persona's vector at ``layers`` (default: every layer, so any can be chosen later)."""
     from .extract import build_vector
 
     defaults = [x for x in persona.default_layers if x < lm.n_layers] or [lm.n_layers // 2]
-    opts = dict(method=persona.method, pooling=persona.pooling, chat=persona.chat) | overrides
+    opts: dict[str, Any] = dict(method=persona.method, pooling=persona.pooling, chat=persona.chat) | overrides
     optimize = opts["method"] == "optimize"
     if optimize:  # trained from the mean difference (steerlab.optimize)
         opts["method"] = "mean_diff"
@@ -163,7 +170,7 @@ def vector_path(folder: str | Path, name: str) -> Path:
 
 
 def load_vectors(folder: str | Path, *, model_id: str | None = None, hidden_size: int | None = None,
-                 on_error=None) -> dict[str, SteeringVector]:  # noqa: ANN001
+                 on_error: Callable[[Path, VectorFileError], object] | None = None) -> dict[str, SteeringVector]:
     """Load every ``*.safetensors`` / ``*.gguf`` vector in ``folder``; bad files go to ``on_error(path, exc)``."""
     out: dict[str, SteeringVector] = {}
     folder = Path(folder)

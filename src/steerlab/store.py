@@ -14,10 +14,14 @@ import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import PersonaError, VectorFileError
 from .personas import available_personas, build_persona, builtin_names, get_persona, load_vectors, vector_path
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .models import ModelInfo
 
 log = logging.getLogger("steerlab")
 
@@ -25,7 +29,7 @@ log = logging.getLogger("steerlab")
 class VectorStore:
     """Vectors by name, backed by ``folder`` (``<name>.safetensors``)."""
 
-    def __init__(self, folder: str | Path, lm, *, warn: Callable[[str], None] | None = None) -> None:  # noqa: ANN001
+    def __init__(self, folder: str | Path, lm: ModelInfo, *, warn: Callable[[str], None] | None = None) -> None:
         self.folder = Path(folder)
         self.lm = lm
         self.warn = warn or log.warning
@@ -89,7 +93,7 @@ class VectorStore:
 
                     if notify is not None:
                         notify(f"measuring the dose window of {name} (built before dose windows existed)...")
-                    self.add(calibrated(self.lm, old)[0], overwrite=True)
+                    self.add(calibrated(self.lm.loaded(), old)[0], overwrite=True)
                 continue
             if old is not None:
                 self.warn(f"vector {name!r} was built from older contrast texts: rebuilding it")
@@ -105,8 +109,9 @@ class VectorStore:
         """A persona's vector with its dose window measured (steerlab.calibrate)."""
         from .calibrate import calibrated
 
-        vec = build_persona(self.lm, get_persona(name), progress=progress)
-        return calibrated(self.lm, vec, progress=self.warn if progress else None)[0]
+        lm = self.lm.loaded()  # the weights (a vLLM server loads its transformers copy now)
+        vec = build_persona(lm, get_persona(name), progress=progress)
+        return calibrated(lm, vec, progress=self.warn if progress else None)[0]
 
     def add(self, vec: SteeringVector, *, overwrite: bool = False, name: str | None = None) -> SteeringVector:
         """Save ``vec`` as ``<name>.safetensors`` (atomic) and make it available."""

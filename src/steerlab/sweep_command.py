@@ -16,10 +16,19 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from .errors import SteeringError
 from .options import load_lm, model_options, open_store, vectors_option
+
+if TYPE_CHECKING:
+    from .embed import Embedder
+    from .evaluate import LayerSignal
+    from .evaluate import SweepRow
+    from .models import LoadedModel
+    from .vectors import SteeringVector
 
 CSV_FIELDS = ("setting", "label", "strength", "score", "score_se", "concept", "fluency", "concept_sim",
               "concept_gain", "keyword_rate", "ppl", "ppl_ratio", "rep", "n")
@@ -64,7 +73,7 @@ def _choices(spec: str | None, allowed: dict[str, object], what: str) -> list:
     return list(dict.fromkeys(out))
 
 
-def _pooling_of(vec) -> tuple[str, bool]:  # noqa: ANN001
+def _pooling_of(vec: SteeringVector) -> tuple[str, bool]:
     pooling = (vec.pooling or "mean").removesuffix(":chat")
     return pooling or "mean", vec.pooling.endswith(":chat")
 
@@ -102,9 +111,10 @@ def _pooling_of(vec) -> tuple[str, bool]:  # noqa: ANN001
               help="Sentence-encoder folder for concept scores (default: bundled all-MiniLM-L6-v2).")
 @vectors_option
 @model_options
-def sweep(name, layer_spec, strengths, n_prompts, max_new_tokens, positions, norm_spec, pooling_spec,  # noqa: ANN001
-          contrast_spec, repetition_penalty, batch_size, out_dir, no_save, embedder_path, vectors_dir,
-          model_id, device, dtype) -> None:
+def sweep(name: str, layer_spec: str | None, strengths: str, n_prompts: int, max_new_tokens: int, positions: str | None,
+          norm_spec: str, pooling_spec: str | None, contrast_spec: str | None, repetition_penalty: float,
+          batch_size: int, out_dir: Path | None, no_save: bool, embedder_path: Path | None, vectors_dir: Path | None,
+          model_id: str | None, device: str, dtype: str) -> None:
     """Sweep vector NAME over layers x strengths on held-out prompts; record the best cell.
 
     Prints a generation-free layer signal first (how well the direction separates held-out
@@ -139,7 +149,7 @@ def sweep(name, layer_spec, strengths, n_prompts, max_new_tokens, positions, nor
     click.echo(f"model: {lm.model_id} on {lm.device} ({lm.dtype}); vector {name}: {vec.method}, pooling {vec.pooling}")
 
     # Vectors to compare: the stored one, or rebuilt from the persona with other pooling / contrast.
-    vectors = {(None, None): vec}
+    vectors: dict[tuple[str | None, bool | None], SteeringVector] = {(None, None): vec}
     if poolings or chats:
         if persona is None:
             raise click.UsageError("--pooling/--contrast rebuild the vector from its persona; "
@@ -175,7 +185,7 @@ def sweep(name, layer_spec, strengths, n_prompts, max_new_tokens, positions, nor
                f"{max_new_tokens} new tokens each, batches of {batch_size}")
 
     rows: list[ev.SweepRow] = []
-    base = None
+    base: ev.SweepRow | None = None
     start = time.perf_counter()
     with tqdm(total=len(cells) * len(settings) + 1, unit="cell", desc="sweep", leave=False) as bar:
         for st in settings:
@@ -189,6 +199,7 @@ def sweep(name, layer_spec, strengths, n_prompts, max_new_tokens, positions, nor
                 rows.append(row)
                 bar.update(1)
     seconds = time.perf_counter() - start
+    assert base is not None  # ev.sweep yields the unsteered row first
     best = ev.pick_best(rows)
     s_even, s_odd = ev.half_scores(best)
     best_setting = next(s for s in settings if s.label(show_build) == best.setting)
@@ -243,7 +254,7 @@ def sweep(name, layer_spec, strengths, n_prompts, max_new_tokens, positions, nor
                f"figure {store.folder / (name + '.sweep.png')}")
 
 
-def _refine_window(lm, vec, best, embedder):  # noqa: ANN001, ANN202
+def _refine_window(lm: LoadedModel, vec: SteeringVector, best: SweepRow, embedder: Embedder) -> SteeringVector:
     """Measure the dose window at the chosen layers and make the chosen strength the default dose,
     so that a persona's default and the sweep's pick are one setting."""
     from .calibrate import calibrated, describe_window
@@ -252,14 +263,18 @@ def _refine_window(lm, vec, best, embedder):  # noqa: ANN001, ANN202
     op = vec.extra["operator"]
     vec, (w,) = calibrated(lm, vec, operators=[op], layers=best.layers, governor=False, embedder=embedder)
     click.echo(describe_window(w))
-    top = window(vec, op, False)["max_strength"]
+    measured = window(vec, op, False)
+    if measured is None:  # calibrated() has just stored it
+        raise SteeringError(f"{vec.name}: no {op} window was stored")
+    top = measured["max_strength"]
     dose = round(min(1.0, max(0.05, best.strength / top)), 3) if top else 0.7
     click.echo(f"the chosen strength {best.strength:g} is dose {dose} of this window"
                + (" (capped at 1: the pick is past the measured fluent limit)" if best.strength > top else ""))
-    return vec.with_defaults(governor=False, default_dose=dose, sweep={**vec.extra["sweep"], "window": window_key(op, False)})
+    sweep = {**vec.extra["sweep"], "window": window_key(op, False)}
+    return vec.with_defaults(governor=False, default_dose=dose, sweep=sweep)
 
 
-def _print_table(rows, best) -> None:  # noqa: ANN001
+def _print_table(rows: list[SweepRow], best: SweepRow) -> None:
     settings = list(dict.fromkeys(r.setting for r in rows if not r.is_base))
     head = (f"{'':1} {'layers':<14} {'strength':>8} {'S':>6} {'±se':>5} {'C':>5} {'F':>5} "
             f"{'cos':>6} {'Δcos':>6} {'kw':>4} {'ppl×':>6} {'rep':>4}")
@@ -276,7 +291,8 @@ def _print_table(rows, best) -> None:  # noqa: ANN001
                        f"{r.ppl_ratio:6.2f} {r.rep:4.2f}")
 
 
-def _write(out_dir: Path, rows, best, summary: dict, signal, title: str) -> list[Path]:  # noqa: ANN001
+def _write(out_dir: Path, rows: list[SweepRow], best: SweepRow, summary: dict, signal: list[LayerSignal],
+           title: str) -> list[Path]:
     from . import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)

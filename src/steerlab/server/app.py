@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import SteeringError
 from ..personas import NAME_PATTERN, available_personas
 from ..store import VectorStore
-from . import bridge, security
+from . import bridge
 from .budget import PromptBudget, context_length
 from .builds import Builds, BuildWorker
 from .guard import Guard, error_body
@@ -36,15 +36,20 @@ from .openapi import GENERATION, errors, json_or_sse
 from .reading_api import Readers, check_read, read_rows
 from .reading_api import router as reading_router
 from .resolve import ServerSettings, plain_file, describe, label, options, plot_path, resolve_steering, unknown_vector
-from .runner import Busy, Done, GenJob, Runner
+from .runner import Busy, Done, Engine, GenJob, Runner
 from .schemas import BuildRequest, CompareRequest, GenerateRequest
+
+if TYPE_CHECKING:
+    from ..models import ModelInfo
+    from ..vectors import SteeringVector
+    from .builds import Build
 
 DESCRIPTION = """Activation-steering studio: compare a model's base and steered output, build persona
 vectors from contrast texts, and talk to a steered model through an OpenAI-compatible API.
 Strength is in residual-norm units (1.0 adds one typical residual norm at each applied layer)."""
 
 
-def _adds_special_tokens(tok) -> bool:  # noqa: ANN001
+def _adds_special_tokens(tok: Any) -> bool:
     """Whether plain encoding adds tokens (a BOS) of its own; asked once, before the runner owns the tokenizer."""
     return tok("x")["input_ids"] != tok("x", add_special_tokens=False)["input_ids"]
 
@@ -53,7 +58,8 @@ def _data(name: str) -> str:
     return resources.files("steerlab").joinpath("data", name).read_text(encoding="utf-8")
 
 
-def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, runner=None) -> FastAPI:  # noqa: ANN001
+def create_app(lm: ModelInfo, store: VectorStore, settings: ServerSettings | None = None,
+               runner: Engine | None = None) -> FastAPI:
     """The studio app for a model and its vectors folder.
 
     ``runner``: what generates; default the transformers engine's batching :class:`Runner` on
@@ -65,13 +71,13 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         raise SteeringError(f"STRENGTH {settings.strength} is not a finite number: unset it or give one in "
                             "-20..20")
     if runner is None:
-        runner = Runner(lm, max_queue=settings.max_queue, max_batch_rows=settings.max_batch_rows,
+        runner = Runner(lm.loaded(), max_queue=settings.max_queue, max_batch_rows=settings.max_batch_rows,
                         batch_wait_s=settings.batch_wait_s, max_batch_tokens=settings.max_batch_tokens)
     # builds never wait behind generation: the transformers engine gets a build thread with its own
     # copy of the model; vLLM's runner already builds beside generation on the transformers side
-    build_worker = BuildWorker(lm) if isinstance(runner, Runner) else None
+    build_worker = BuildWorker(lm.loaded()) if isinstance(runner, Runner) else None
     build_call = build_worker.call if build_worker is not None else runner.call
-    build_model = build_worker.model if build_worker is not None else (lambda: lm)
+    build_model = build_worker.model if build_worker is not None else lm.loaded
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,7 +107,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
     _install_error_handlers(app)
     app.add_middleware(Guard, settings=settings)
 
-    def vector_info(name: str, vec) -> dict[str, Any]:  # noqa: ANN001
+    def vector_info(name: str, vec: SteeringVector) -> dict[str, Any]:
         return describe(name, vec, settings=settings, folder=store.folder)
 
     # ---- page, health, examples -------------------------------------------------------------
@@ -154,7 +160,8 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
                 "timing": {"queued_s": round(done.queued_s, 4), "total_s": round(done.total_s, 4),
                            "first_token_s": None if done.first_token_s is None else round(done.first_token_s, 4)}}
 
-    async def with_reading(req, rows: list[str], done: Done, result: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+    async def with_reading(req: GenerateRequest | CompareRequest, rows: list[str], done: Done,
+                           result: dict[str, Any]) -> dict[str, Any]:
         """``result`` plus ``read``: per row, token readings of the reply (only when the request asks)."""
         if not req.read:
             return result
@@ -163,13 +170,18 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
         return {**result, "read": dict(zip(rows, got))}
 
     def stream(job: GenJob, channel: bridge.Channel, request: Request, rows: list[str], applied: list,
-               payload, req) -> StreamingResponse:  # noqa: ANN001
+               payload: Callable[[Done], dict[str, Any]], req: GenerateRequest | CompareRequest) -> StreamingResponse:
         held: list[Done] = []
+
+        def hold(done: Done) -> list[bytes]:
+            held.append(done)
+            return []  # sent below, after the readings (if any)
+
         frames = bridge.stream_events(
             job, channel, request, first=[bridge.sse("start", {"rows": rows, "applied": applied})],
             delta=lambda d: bridge.sse("delta", {"row": rows[d.row], "text": d.text}
                                        | ({} if d.gain is None else {"gain": d.gain})),
-            done=lambda d: held.append(d) or [],  # sent below, after the readings (if any)
+            done=hold,
             error=lambda e: [bridge.sse("error", {"error": e.detail, "status": e.status_code})],
         )
 
@@ -266,7 +278,7 @@ def create_app(lm, store: VectorStore, settings: ServerSettings | None = None, r
             raise bridge.http_error(exc) from None
         return build.as_dict()
 
-    def _build(build_id: str):  # noqa: ANN202
+    def _build(build_id: str) -> Build:
         build = app.state.builds.get(build_id)
         if build is None:
             raise HTTPException(404, f"no build {build_id!r} (builds are kept while the server runs)")

@@ -7,6 +7,7 @@ exit. ``steerlab serve`` does not use this; it runs uvicorn in the foreground.
 
 from __future__ import annotations
 
+from typing import Any
 import threading
 import time
 from collections.abc import Iterator
@@ -14,8 +15,8 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def serve_in_thread(app, *, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0,
-                    **server_options) -> Iterator[str]:  # noqa: ANN001, ANN003
+def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0,
+                    **server_options: Any) -> Iterator[str]:
     """Yield the base URL (``http://127.0.0.1:<port>``) of ``app`` served in a thread.
 
     The server is :func:`steerlab.server.serving.make_server`'s, as ``steerlab serve`` runs it

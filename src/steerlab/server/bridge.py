@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 from ..errors import SteeringError
-from .runner import Busy, Delta, Done, Event, Failed, GenJob, JobCancelled, JobTimeout, Runner, _is_oom
+from .runner import Busy, Delta, Done, Engine, Event, Failed, GenJob, JobCancelled, JobTimeout, _is_oom
 
 POLL_S = 0.5  # how often a waiting handler checks whether its client is still there
 
@@ -35,7 +35,7 @@ class Channel:
             pass
 
 
-def submit(runner: Runner, job: GenJob) -> None:
+def submit(runner: Engine, job: GenJob) -> None:
     """Queue ``job``; a full queue becomes 503 with Retry-After."""
     try:
         runner.submit(job)
@@ -150,9 +150,8 @@ async def stream_events(job: GenJob, channel: Channel, request: Request, *,
         while True:
             event = await next_event(job, channel, request)
             if isinstance(event, Delta):
-                frame = delta(event)
-                if frame:
-                    yield frame
+                if piece := delta(event):
+                    yield piece
             elif isinstance(event, Done):
                 for frame in done(event):
                     yield frame

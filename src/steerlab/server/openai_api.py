@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
@@ -24,10 +24,13 @@ from .resolve import options, resolve_steering
 from .runner import Done, GenJob
 from .schemas import ChatRequest
 
+if TYPE_CHECKING:
+    from ..models import ModelInfo
+
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 
-def render(lm, messages: list, *, adds_special: bool) -> tuple[str, bool | None]:  # noqa: ANN001
+def render(lm: ModelInfo, messages: list, *, adds_special: bool) -> tuple[str, bool | None]:
     """One prompt from chat messages, and the ``chat`` flag to generate it with."""
     try:
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]

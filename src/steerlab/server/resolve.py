@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException
 
@@ -22,6 +22,9 @@ from ..store import VectorStore
 from ..vectors import SteeringVector
 from .limits import MAX_PROMPT_TOKENS, MIN_SAMPLING_TEMPERATURE
 from .schemas import SteerEntry
+
+if TYPE_CHECKING:
+    from ..models import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,9 @@ def unknown_vector(name: str, store: VectorStore) -> HTTPException:
                               "them; POST /vectors builds a new one)")
 
 
-def resolve_steering(steering: list[SteerEntry] | None, strength: float | None, *, store: VectorStore, lm,
+def resolve_steering(steering: list[SteerEntry] | None, strength: float | None, *, store: VectorStore, lm: ModelInfo,
                      settings: ServerSettings, dose: float | None = None, governor: bool | None = None,
-                     positions: str | int | None = None) -> tuple[list[Resolved], list[dict[str, Any]]]:  # noqa: ANN001
+                     positions: str | int | None = None) -> tuple[list[Resolved], list[dict[str, Any]]]:
     """Resolved entries for one row, and what was applied (vector, dose/strength, operator, layers...).
 
     Amount: the entry's dose/strength/scale > the request's dose or strength > the server's
@@ -130,7 +133,8 @@ def label(applied: list[dict[str, Any]]) -> str:
     return "+".join(a["vector"] for a in applied) or "none"
 
 
-def options(req: Any, steers: list[Resolved], *, lm, max_new_tokens: int, chat: bool | None) -> GenerationOptions:  # noqa: ANN001
+def options(req: Any, steers: list[Resolved], *, lm: ModelInfo, max_new_tokens: int,
+            chat: bool | None) -> GenerationOptions:
     """Generation options of a request (``positions``: the request's, for entries that set none)."""
     if chat and not lm.has_chat_template:
         raise HTTPException(400, f"{lm.model_id} has no chat template: send \"chat\": false (raw completion)")

@@ -11,7 +11,8 @@ Owns dynamic batching, per-job token limits, cancellation, time limits and exclu
 * Which job runs next is not plain arrival order: each waiting job is ranked by its estimated
   finish, arrival time plus its cost (new tokens, plus prompt tokens at ``PREFILL_PER_STEP`` per
   decode step) times the measured time of one decode step. Short requests overtake long ones
-  that arrived before them; a long one is not starved, since later arrivals rank after it. A batch holds at most ``max_batch_tokens`` padded prompt tokens, so one
+  that arrived before them; a long one is not starved, since later arrivals rank after it. A batch
+  holds at most ``max_batch_tokens`` padded prompt tokens, so one
   long prompt cannot make every row of a batch long.
 * A job's ``cancel`` event (client gone) or its deadline ends it at the next token (every
   decode step checks); a batch stops as soon as none of its jobs is still wanted.
@@ -39,7 +40,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -47,6 +48,9 @@ from transformers.generation.streamers import BaseStreamer
 from ..generate import GenerationOptions, _eos_ids
 from ..spec import Resolved
 from . import slices
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
 
 log = logging.getLogger("steerlab.server")
 
@@ -107,7 +111,7 @@ Event = Delta | Done | Failed
 class TextDeltas:
     """One row's text as it grows: the new part after each token, never half a character."""
 
-    def __init__(self, tokenizer) -> None:  # noqa: ANN001
+    def __init__(self, tokenizer: Any) -> None:
         self.tok = tokenizer
         self.sent = ""
 
@@ -158,6 +162,19 @@ class GenJob:
             self.emit(event)
 
 
+class Engine(Protocol):
+    """What generates for the routes: :class:`Runner` (transformers) or
+    :class:`~steerlab.server.vllm_runner.VLLMRunner` (vLLM). The routes know only this surface."""
+
+    def start(self) -> None: ...
+    def shutdown(self) -> None: ...
+    def close(self) -> None: ...
+    def submit(self, job: GenJob) -> None: ...
+    def call(self, fn: Callable[[], Any]) -> Future: ...
+    def engine_info(self) -> dict[str, str]: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
 def _outcome(event: Event) -> str:
     if isinstance(event, Done):
         return "done"
@@ -205,8 +222,8 @@ def batch_key(opts: GenerationOptions) -> tuple | None:
 class _BatchStreamer(BaseStreamer):
     """Splits a batch's new tokens back into jobs; ends each job when its rows are done."""
 
-    def __init__(self, tokenizer, slots: list[tuple[GenJob, int]], eos: set[int], stop: threading.Event,
-                 prompt_tokens: list[int], started: float, n_jobs: int) -> None:  # noqa: ANN001
+    def __init__(self, tokenizer: Any, slots: list[tuple[GenJob, int]], eos: set[int], stop: threading.Event,
+                 prompt_tokens: list[int], started: float, n_jobs: int) -> None:
         self.slots = slots
         self.eos = eos
         self.stop = stop
@@ -307,8 +324,8 @@ class _BatchStreamer(BaseStreamer):
 class Runner:
     """The worker thread that owns ``lm``. ``start()`` it, ``submit()`` jobs, ``close()`` it."""
 
-    def __init__(self, lm, *, max_queue: int = 32, max_batch_rows: int = 16, batch_wait_s: float = 0.01,
-                 max_batch_tokens: int = 8192, slice_s: float = 1.0) -> None:  # noqa: ANN001
+    def __init__(self, lm: LoadedModel, *, max_queue: int = 32, max_batch_rows: int = 16, batch_wait_s: float = 0.01,
+                 max_batch_tokens: int = 8192, slice_s: float = 1.0) -> None:
         self.lm = lm
         self.slice_s = slice_s
         self._step_s = 0.02  # seconds per decode step, measured (moving average) as batches run
@@ -323,7 +340,7 @@ class Runner:
         self._busy = False
         self._stop_current: threading.Event | None = None
         self._thread: threading.Thread | None = None
-        self._counts = collections.Counter()
+        self._counts: collections.Counter[str] = collections.Counter()
         self._batch_sizes: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)
         self._batch_secs: collections.deque[float] = collections.deque(maxlen=16)
 
@@ -385,7 +402,8 @@ class Runner:
 
     def engine_info(self) -> dict[str, str]:
         """What /health says generates: this engine, its device and dtype."""
-        return {"engine": "transformers", "device": str(self.lm.device), "dtype": str(self.lm.dtype).replace("torch.", "")}
+        return {"engine": "transformers", "device": str(self.lm.device),
+                "dtype": str(self.lm.dtype).replace("torch.", "")}
 
     def stats(self) -> dict[str, Any]:
         """Counters for /health and tests: queue depth, batches, jobs, and how jobs ended."""
@@ -604,9 +622,9 @@ class Runner:
                       started: float) -> None:
         if error is not None and not isinstance(error, Busy):
             log.error("runner: generation failed: %s: %s", type(error).__name__, _short(error))
-        if streamer is None:
+        if streamer is None:  # encoding failed: error is set
             for job in batch:
-                job.end(Failed(error))
+                job.end(Failed(error or RuntimeError("the batch could not start")))
         else:
             streamer.close(error)
         for job in batch:

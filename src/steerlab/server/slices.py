@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, fields, replace
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -27,6 +27,10 @@ from ..cpu_matmul import decode_matmuls
 from ..generate import GenerationOptions, encode_prompts, generation_kwargs, governor_for
 from ..hooks import steer
 from ..spec import resolve_rows
+
+if TYPE_CHECKING:
+    from transformers.generation.streamers import BaseStreamer
+    from ..models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,11 @@ class _Stop(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001, ANN204
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def begin(lm, prompts: list[str], opts: GenerationOptions) -> SliceState:  # noqa: ANN001
+def begin(lm: LoadedModel, prompts: list[str], opts: GenerationOptions) -> SliceState:
     """Encode the batch (left-padded, as generate() does); seed the sampler once, here."""
     enc = encode_prompts(lm, prompts, opts.chat)
     if opts.seed is not None:
@@ -60,8 +64,8 @@ PREFILL_CHUNK = 256  # prompt tokens per prefill forward pass; the last chunk (<
 
 
 @torch.no_grad()
-def prefill(lm, state: SliceState, steering: list[list], opts: GenerationOptions, *,
-            keep_going: Callable[[], bool], chunk: int | None = None) -> SliceState:  # noqa: ANN001
+def prefill(lm: LoadedModel, state: SliceState, steering: list[list], opts: GenerationOptions, *,
+            keep_going: Callable[[], bool], chunk: int | None = None) -> SliceState:
     """Put all but the last ``chunk`` prompt tokens into the cache, a chunk at a time, while ``keep_going()``."""
     chunk = chunk or PREFILL_CHUNK
     total = state.ids.shape[1]
@@ -85,8 +89,9 @@ def prefill(lm, state: SliceState, steering: list[list], opts: GenerationOptions
 
 
 @torch.no_grad()
-def run(lm, state: SliceState, steering: list[list], opts: GenerationOptions, *, streamer, stop: threading.Event,
-        max_new_tokens: int, report: dict | None = None) -> SliceState:  # noqa: ANN001
+def run(lm: LoadedModel, state: SliceState, steering: list[list], opts: GenerationOptions, *,
+        streamer: BaseStreamer | None,
+        stop: threading.Event, max_new_tokens: int, report: dict | None = None) -> SliceState:
     """Generate up to ``max_new_tokens`` more (fewer when ``stop`` is set); the state to resume from.
 
     ``report`` gets the governor under ``"live"`` while it runs (as :func:`steerlab.generate.generate`)."""
@@ -101,7 +106,8 @@ def run(lm, state: SliceState, steering: list[list], opts: GenerationOptions, *,
     if state.cache is not None:  # transformers 5 calls it `cache`; 4.x `past_key_values`
         kwargs["cache" if _NEW_CACHE_NAME else "past_key_values"] = state.cache
     with steer(lm, resolved, gain=gov.gain if gov else None), decode_matmuls(lm):
-        out = lm.model.generate(input_ids=state.ids, attention_mask=state.mask, streamer=streamer,
+        out = lm.model.generate(  # type: ignore[operator]
+           input_ids=state.ids, attention_mask=state.mask, streamer=streamer,
                                 stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
                                 return_dict_in_generate=True, use_cache=True, **kwargs)
     new = out.sequences.shape[1] - state.ids.shape[1]
