@@ -240,3 +240,15 @@ def test_errors_are_clear(tiny_lm):
     with pytest.raises(SteeringError, match="cannot steer with"):
         with steer(tiny_lm, ["weeknd"]):
             pass
+
+
+def test_stream_yields_each_rows_text_as_generate_returns_it(tiny_lm):
+    """``stream`` (the CLI's path when a person watches) is ``generate`` token by token, per row."""
+    from steerlab import stream
+
+    vec = random_vector(tiny_lm, [1])
+    prompts, rows = ["the cat sat", "money saved"], [[Steer(vec, strength=3.0)], []]
+    parts = {0: "", 1: ""}
+    for row, delta in stream(tiny_lm, prompts, rows, options=GREEDY):
+        parts[row] += delta
+    assert [parts[0].strip(), parts[1].strip()] == generate(tiny_lm, prompts, rows, options=GREEDY)

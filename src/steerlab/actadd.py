@@ -128,21 +128,16 @@ def actadd_generate(
     Raw text, not the chat template: ActAdd aligns the steering with the first tokens of the
     sequence, which under a chat template would be the template's own tokens.
     """
-    from .cpu_matmul import decode_matmuls
-    from .generate import _eos_ids
+    from .generate import GenerationOptions, generation_kwargs, run_generate
 
     ids = torch.tensor([encode_raw(lm, prompt, prepend_bos=prepend_bos)], device=lm.device)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                  repetition_penalty=repetition_penalty, pad_token_id=lm.tokenizer.pad_token_id,
-                  eos_token_id=_eos_ids(lm.tokenizer), attention_mask=torch.ones_like(ids))
+    opts = GenerationOptions(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)  # greedy
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), **generation_kwargs(lm, opts))
     if positive is None or negative is None:
-        with decode_matmuls(lm):
-            out = lm.model.generate(  # type: ignore[operator]
-           ids, **kwargs)
+        out = run_generate(lm, **kwargs)
     else:
-        with actadd(lm, positive, negative, layer=layer, coefficient=coefficient, prepend_bos=prepend_bos), \
-                decode_matmuls(lm):
-            out = lm.model.generate(ids, **kwargs)  # type: ignore[operator]
+        with actadd(lm, positive, negative, layer=layer, coefficient=coefficient, prepend_bos=prepend_bos):
+            out = run_generate(lm, **kwargs)
     return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

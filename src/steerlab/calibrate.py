@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import LogitsProcessorList
 
-from .cpu_matmul import decode_matmuls
+from .defaults import REPETITION_PENALTY
 from .errors import SteeringError
 from .evaluate import DEFAULT_REFERENCE, concept_component, fluency_component, neutral_prompts, repeated_ngram_rate
-from .generate import GenerationOptions, encode_prompts, generation_kwargs, governor_for
+from .generate import GenerationOptions, encode_prompts, generation_kwargs, governor_for, run_generate
 from .hooks import capture, steer
 from .spec import DEFAULT_OPERATOR, OPERATORS, Steer, resolve_rows, window_key
 from .vectors import SteeringVector
@@ -146,9 +146,8 @@ def _replies(lm: LoadedModel, prompts: list[str], rows: list[list[Steer]],
     resolved = resolve_rows(rows, lm.n_layers)
     gov = governor_for(lm, resolved, len(prompts))
     extra = {"logits_processor": LogitsProcessorList([gov])} if gov else {}
-    with steer(lm, resolved, gain=gov.gain if gov else None), decode_matmuls(lm):
-        out = lm.model.generate(  # type: ignore[operator]
-           **enc, **generation_kwargs(lm, opts), **extra)
+    with steer(lm, resolved, gain=gov.gain if gov else None):
+        out = run_generate(lm, **enc, **generation_kwargs(lm, opts), **extra)
     width = enc["input_ids"].shape[1]
     new = out[:, width:]
     eos = torch.tensor(generation_kwargs(lm, opts)["eos_token_id"], device=out.device)
@@ -182,7 +181,7 @@ def _score(lm: LoadedModel, vec: SteeringVector, layers: Sequence[int], ids: tor
 
 def calibrate(lm: LoadedModel, vec: SteeringVector, *, operator: str = "add", layers: Sequence[int] | None = None,
               prompts: Sequence[str] | None = None, strengths: Sequence[float] | None = None,
-              repetition_penalty: float = 1.2, governor: bool = False, embedder: Embedder | None = None,
+              repetition_penalty: float = REPETITION_PENALTY, governor: bool = False, embedder: Embedder | None = None,
               reference: float | None = None, statistics: tuple[dict, dict] | None = None,
               progress: Callable[[str], None] | None = None) -> Window:
     """Measure the dose window of ``vec`` under ``operator`` at ``layers`` (default: its active layers)."""

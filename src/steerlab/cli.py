@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .defaults import REPETITION_PENALTY
 from .errors import SteeringError
 from .options import F, load_lm, model_options, open_store, vectors_option
 
@@ -80,7 +81,7 @@ def generation_options(f: F) -> F:
                      help="0 = greedy (deterministic)."),
         click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1), help="Nucleus sampling."),
         click.option("--seed", default=None, type=int, help="Random seed for sampling."),
-        click.option("--repetition-penalty", default=1.2, show_default=True, type=click.FloatRange(1, 3),
+        click.option("--repetition-penalty", default=REPETITION_PENALTY, show_default=True, type=click.FloatRange(1, 3),
                      help="Discourages loops, which small models fall into under greedy decoding."),
         click.option("--raw", is_flag=True, help="Raw completion: do not apply the chat template."),
         click.option("--steer", "steers", multiple=True, metavar="NAME[:dose=D]",

@@ -17,6 +17,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from .cpu_matmul import decode_matmuls
+from .defaults import REPETITION_PENALTY
 from .governor import Governor
 from .hooks import RowSteering, steer, steering_rows
 from .spec import Resolved, resolve_rows
@@ -36,7 +37,7 @@ class GenerationOptions:
     chat: bool | None = None  # None: use the chat template when the model has one
     positions: str | int | None = None  # None: each entry's own (default "all"); see steerlab.spec
     norm_preserve: bool = False
-    repetition_penalty: float = 1.2  # small models loop under greedy decoding without it
+    repetition_penalty: float = REPETITION_PENALTY
     governor: bool | None = None  # None: each entry's own (a vector's default); see steerlab.governor
 
 
@@ -48,17 +49,42 @@ class _Cancel(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class TextDeltas:
+    """One row's text as it grows: the new part after each token, never half a character.
+
+    The one incremental detokeniser: :func:`stream`, the server's runner and the vLLM runner use it.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        self.sent = ""
+
+    def delta(self, ids: list[int]) -> str:
+        """The text added since the last call ('' while a multi-byte character is incomplete)."""
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def final(self, ids: list[int]) -> tuple[str, str]:
+        """(the tail not sent yet, the whole text) once the row is done."""
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        tail = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent = text
+        return tail, text
+
+
 class _RowStreamer(BaseStreamer):
     """Pushes ``(row, text_delta)`` for every row of a batch as tokens arrive."""
 
     def __init__(self, tokenizer: Any, rows: int, out: queue.Queue) -> None:
-        self.tok = tokenizer
         self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.sent = [""] * rows
+        self.texts = [TextDeltas(tokenizer) for _ in range(rows)]
         self.out = out
         self.prompt_seen = False
         self.done = [False] * rows
-        self.eos = set(_eos_ids(tokenizer))
+        self.eos = set(eos_ids(tokenizer))
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call carries the prompt
@@ -71,18 +97,15 @@ class _RowStreamer(BaseStreamer):
                 self.done[r] = True
                 continue
             self.ids[r].append(t)
-            text = self.tok.decode(self.ids[r], skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more
-                continue
-            delta, self.sent[r] = text[len(self.sent[r]) :], text
-            if delta:
+            if delta := self.texts[r].delta(self.ids[r]):
                 self.out.put((r, delta))
 
     def end(self) -> None:
         pass
 
 
-def _eos_ids(tok: Any) -> list[int]:
+def eos_ids(tok: Any) -> list[int]:
+    """Token ids that end a reply: the tokenizer's EOS and the chat templates' end-of-turn tokens."""
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     for special in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
         tid = tok.convert_tokens_to_ids(special)
@@ -105,7 +128,7 @@ def generation_kwargs(lm: LoadedModel, opts: GenerationOptions) -> dict:
         max_new_tokens=opts.max_new_tokens,
         do_sample=sample,
         pad_token_id=lm.tokenizer.pad_token_id,
-        eos_token_id=_eos_ids(lm.tokenizer),
+        eos_token_id=eos_ids(lm.tokenizer),
         repetition_penalty=opts.repetition_penalty,
     )
     if sample:
@@ -113,6 +136,14 @@ def generation_kwargs(lm: LoadedModel, opts: GenerationOptions) -> dict:
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     return kwargs
+
+
+def run_generate(lm: LoadedModel, **kwargs: Any) -> Any:
+    """The one call of ``model.generate`` (every generation path comes here): inside the CPU
+    decode-matmul context, which is measured once per model (:mod:`steerlab.cpu_matmul`).
+    Steering contexts wrap this call; ``kwargs`` are ``model.generate``'s (see :func:`generation_kwargs`)."""
+    with decode_matmuls(lm):
+        return lm.model.generate(**kwargs)  # type: ignore[operator]  # PreTrainedModel's stub lacks GenerationMixin
 
 
 def encode_prompts(lm: LoadedModel, prompts: Sequence[str], chat: bool | None) -> dict[str, torch.Tensor]:
@@ -159,9 +190,8 @@ def generate(
         kwargs["logits_processor"] = LogitsProcessorList([gov])
         if report is not None:
             report["live"] = gov  # a streamer may read the gains while tokens arrive
-    with steer(lm, resolved, gain=gov.gain if gov else None), decode_matmuls(lm):
-        out = lm.model.generate(  # type: ignore[operator]
-           **enc, streamer=streamer, **kwargs)
+    with steer(lm, resolved, gain=gov.gain if gov else None):
+        out = run_generate(lm, **enc, streamer=streamer, **kwargs)
     if report is not None:
         report["steering"] = [[r.describe() for r in row] for row in resolved]
         if gov is not None:

@@ -81,20 +81,16 @@ def generate_from_cache(lm: LoadedModel, cache: PromptCache, prompts: Sequence[s
     their keys and values are the cached unsteered ones: each row runs only its last prompt
     token (steered, as the hook steers it in a full prefill) and the new tokens.
     """
-    from .generate import _eos_ids
-    from .cpu_matmul import decode_matmuls
+    from .generate import generation_kwargs, run_generate
     from .hooks import steer
 
     if options.positions != "generated" or options.temperature > 0:
         raise SteeringError("generate_from_cache is for greedy generation with positions='generated'")
     kv, mask, _, _, ids = cache.rows(prompts, drop_last=True)
     tok = lm.tokenizer
-    with steer(lm, list(steering), positions="generated", norm_preserve=options.norm_preserve), decode_matmuls(lm):
-        out = lm.model.generate(  # type: ignore[operator]
-           input_ids=ids, attention_mask=mask, max_new_tokens=options.max_new_tokens,
-                                do_sample=False, temperature=None, top_p=None, top_k=None,
-                                pad_token_id=tok.pad_token_id, eos_token_id=_eos_ids(tok),
-                                repetition_penalty=options.repetition_penalty, **{_cache_arg(lm.model): kv})
+    with steer(lm, list(steering), positions="generated", norm_preserve=options.norm_preserve):
+        out = run_generate(lm, input_ids=ids, attention_mask=mask, **generation_kwargs(lm, options),
+                           **{_cache_arg(lm.model): kv})
     return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]]
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from .defaults import REPETITION_PENALTY
 from .errors import SteeringError
 from .options import load_lm, model_options, open_store, vectors_option
 
@@ -100,7 +101,7 @@ def _pooling_of(vec: SteeringVector) -> tuple[str, bool]:
                    "a comma list compares them. Default: the stored vector as built.")
 @click.option("--contrast", "contrast_spec", default=None, metavar="plain|chat|plain,chat",
               help="Rebuild with contrast texts as plain sentences or as assistant replies; a comma list compares.")
-@click.option("--repetition-penalty", default=1.2, show_default=True, type=click.FloatRange(1, 3),
+@click.option("--repetition-penalty", default=REPETITION_PENALTY, show_default=True, type=click.FloatRange(1, 3),
               help="Same meaning as for generate; 1 shows raw loops.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096),
               help="Generations per model.generate call (rows carry different cells).")

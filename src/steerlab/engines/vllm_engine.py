@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from ..errors import ModelLoadError, SteeringError
-from ..generate import GenerationOptions, _eos_ids
+from ..generate import GenerationOptions, eos_ids
 from ..hooks import Positions, RowSteering, as_steer, steering_rows
 from ..spec import Resolved, resolve
 from ..models import resolve_model_source
@@ -280,7 +280,7 @@ class VLLMModel:
         text_config = getattr(config, "text_config", None) or config
         self.n_layers = int(text_config.num_hidden_layers)
         self.hidden_size = int(text_config.hidden_size)
-        self.eos_ids = _eos_ids(self.tokenizer)
+        self.eos_ids = eos_ids(self.tokenizer)
         self.dtype = "auto"
 
     def _engine_kwargs(self, **kwargs: Any) -> dict[str, Any]:

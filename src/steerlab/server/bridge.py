@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 from ..errors import SteeringError
-from .runner import Busy, Delta, Done, Engine, Event, Failed, GenJob, JobCancelled, JobTimeout, _is_oom
+from .runner import Busy, Delta, Done, Engine, Event, Failed, GenJob, JobCancelled, JobTimeout, _is_oom, ran_past
 
 POLL_S = 0.5  # how often a waiting handler checks whether its client is still there
 
@@ -67,8 +67,7 @@ def http_error(error: BaseException) -> HTTPException:
 
 
 def _timed_out(job: GenJob) -> Failed:
-    return Failed(JobTimeout(f"generation ran past the {job.timeout_s:g} s limit; "
-                             "ask for fewer tokens or try again when the server is less busy"))
+    return Failed(ran_past(job))
 
 
 async def next_event(job: GenJob, channel: Channel, request: Request, gone: asyncio.Future | None = None) -> Event:

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..defaults import REPETITION_PENALTY
 from ..generate import GenerationOptions, generate
 from ..hooks import Steer
 from ..store import VectorStore
@@ -71,7 +72,7 @@ def precompute(lm: LoadedModel, store: VectorStore, strengths: dict[str, float |
     return {
         "model": lm.model_id,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "decoding": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "repetition_penalty": 1.2},
+        "decoding": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "repetition_penalty": REPETITION_PENALTY},
         "personas": personas,
     }
 

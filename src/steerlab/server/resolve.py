@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException
 
+from ..defaults import REPETITION_PENALTY
 from ..errors import SteeringError
 from ..generate import GenerationOptions
 from ..spec import DEFAULT_GOVERNOR, DEFAULT_OPERATOR, Resolved, Steer, default_dose, resolve, window
@@ -147,5 +148,5 @@ def options(req: Any, steers: list[Resolved], *, lm: ModelInfo, max_new_tokens: 
         seed=req.seed,
         chat=lm.has_chat_template if chat is None else chat,
         positions=positions,
-        repetition_penalty=getattr(req, "repetition_penalty", 1.2),
+        repetition_penalty=getattr(req, "repetition_penalty", REPETITION_PENALTY),
     )

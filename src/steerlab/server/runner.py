@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..generate import GenerationOptions, _eos_ids
+from ..generate import GenerationOptions, TextDeltas, eos_ids
 from ..spec import Resolved
 from . import slices
 
@@ -67,6 +67,12 @@ class Busy(Exception):
 
 class JobTimeout(Exception):
     """A job ran past its time limit."""
+
+
+def ran_past(job: GenJob) -> JobTimeout:
+    """The one message for a job that ran past its time limit (both engines, both checks)."""
+    return JobTimeout(f"generation ran past the {job.timeout_s:g} s limit; "
+                      "ask for fewer tokens or try again when the server is less busy")
 
 
 class JobCancelled(Exception):
@@ -106,29 +112,6 @@ class Failed:
 
 
 Event = Delta | Done | Failed
-
-
-class TextDeltas:
-    """One row's text as it grows: the new part after each token, never half a character."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tok = tokenizer
-        self.sent = ""
-
-    def delta(self, ids: list[int]) -> str:
-        """The text added since the last call ('' while a multi-byte character is incomplete)."""
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
-
-    def final(self, ids: list[int]) -> tuple[str, str]:
-        """(the tail not sent yet, the whole text) once the row is done."""
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        tail = text[len(self.sent):] if text.startswith(self.sent) else ""
-        self.sent = text
-        return tail, text
 
 
 @dataclass(eq=False)
@@ -288,8 +271,7 @@ class _BatchStreamer(BaseStreamer):
             if job.cancel.is_set():
                 job.end(Failed(JobCancelled("cancelled by the client")))
             elif now > job.deadline:
-                job.end(Failed(JobTimeout(f"generation ran past the {job.timeout_s:g} s limit; "
-                                          "ask for fewer tokens or try again when the server is less busy")))
+                job.end(Failed(ran_past(job)))
 
     def _finish(self, job: GenJob) -> None:
         rows = []
@@ -333,7 +315,7 @@ class Runner:
         self.max_batch_rows = max_batch_rows
         self.batch_wait_s = batch_wait_s
         self.max_batch_tokens = max_batch_tokens
-        self._eos = set(_eos_ids(lm.tokenizer))
+        self._eos = set(eos_ids(lm.tokenizer))
         self._pending: collections.deque[GenJob | _Call | _Paused] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False

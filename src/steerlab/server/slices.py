@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from ..cpu_matmul import decode_matmuls
-from ..generate import GenerationOptions, encode_prompts, generation_kwargs, governor_for
+from ..generate import GenerationOptions, encode_prompts, generation_kwargs, governor_for, run_generate
 from ..hooks import steer
 from ..spec import resolve_rows
 
@@ -105,9 +104,8 @@ def run(lm: LoadedModel, state: SliceState, steering: list[list], opts: Generati
             report["live"] = gov
     if state.cache is not None:  # transformers 5 calls it `cache`; 4.x `past_key_values`
         kwargs["cache" if _NEW_CACHE_NAME else "past_key_values"] = state.cache
-    with steer(lm, resolved, gain=gov.gain if gov else None), decode_matmuls(lm):
-        out = lm.model.generate(  # type: ignore[operator]
-           input_ids=state.ids, attention_mask=state.mask, streamer=streamer,
+    with steer(lm, resolved, gain=gov.gain if gov else None):
+        out = run_generate(lm, input_ids=state.ids, attention_mask=state.mask, streamer=streamer,
                                 stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
                                 return_dict_in_generate=True, use_cache=True, **kwargs)
     new = out.sequences.shape[1] - state.ids.shape[1]

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from .runner import Busy, Delta, Done, Failed, GenJob, JobCancelled, JobTimeout, RowResult, TextDeltas
+from ..generate import TextDeltas
+from .runner import Busy, Delta, Done, Failed, GenJob, JobCancelled, RowResult, ran_past
 
 if TYPE_CHECKING:
     from ..engines.vllm_engine import AsyncVLLMEngine, VLLMModel
@@ -168,8 +169,7 @@ class VLLMRunner:
                     raise JobCancelled("cancelled by the client")
                 if time.monotonic() > job.deadline:
                     self._counts["timed_out"] += 1
-                    raise JobTimeout(f"generation ran past the {job.timeout_s:g} s limit; "
-                                     "ask for fewer tokens or try again when the server is less busy")
+                    raise ran_past(job)
             now = time.monotonic()
             job.end(Done(rows=[r for r in results if r is not None], batch_jobs=jobs_together, batch_rows=rows_together,
                          queued_s=started - job.created,
