@@ -28,6 +28,9 @@ Owns dynamic batching, per-job token limits, cancellation, time limits and exclu
   generation. Steering hooks live only inside one batch's ``generate`` (context-managed).
 
 Knows nothing about HTTP: jobs report through ``emit(event)``, called on the worker thread.
+The job types live in :mod:`.jobs`, the per-step streamer in :mod:`.batch_streamer`. (About 430
+lines: queueing, batching, slicing and ranking are one state machine over one lock; split
+further, each part would need the others' private state.)
 """
 
 from __future__ import annotations
@@ -39,134 +42,37 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers.generation.streamers import BaseStreamer
-
-from ..generate import GenerationOptions, TextDeltas, eos_ids
+from ..generate import GenerationOptions, eos_ids
 from ..spec import Resolved
 from . import slices
+from .batch_streamer import _BatchStreamer
+from .jobs import (  # re-exported: routes, tests and the vLLM runner import them from here
+    PREFILL_PER_STEP,
+    Busy,
+    Delta,
+    Done,
+    Engine,
+    Event,
+    Failed,
+    GenJob,
+    JobCancelled,
+    JobTimeout,
+    RowResult,
+    _is_oom,
+    _short,
+    ran_past,
+)
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
 
+__all__ = ["PREFILL_PER_STEP", "Busy", "Delta", "Done", "Engine", "Event", "Failed", "GenJob", "JobCancelled",
+           "JobTimeout", "RowResult", "Runner", "batch_key", "ran_past"]
+
 log = logging.getLogger("steerlab.server")
-
-PREFILL_PER_STEP = 16  # prompt tokens whose prefill costs about one decode step (a rough CPU figure)
-
-
-class Busy(Exception):
-    """The queue is full (or the runner is closed); try again after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, retry_after: int = 2) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class JobTimeout(Exception):
-    """A job ran past its time limit."""
-
-
-def ran_past(job: GenJob) -> JobTimeout:
-    """The one message for a job that ran past its time limit (both engines, both checks)."""
-    return JobTimeout(f"generation ran past the {job.timeout_s:g} s limit; "
-                      "ask for fewer tokens or try again when the server is less busy")
-
-
-class JobCancelled(Exception):
-    """A job was cancelled by its client."""
-
-
-# ---- events a job emits -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Delta:
-    row: int
-    text: str
-    gain: float | None = None  # the governor's gain on this row's steering for these tokens (None: no governor)
-
-
-@dataclass(frozen=True)
-class RowResult:
-    text: str
-    tokens: int
-    prompt_tokens: int
-    finish_reason: str  # "stop" (end of text) or "length" (token limit)
-    governor: dict | None = None  # what the coherence governor did to this row (None: it did not run)
-
-
-@dataclass(frozen=True)
-class Done:
-    rows: list[RowResult]
-    batch_jobs: int  # jobs that shared this job's batch (itself included)
-    batch_rows: int
-    queued_s: float
-    first_token_s: float | None
-    total_s: float
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: BaseException
-
-
-Event = Delta | Done | Failed
-
-
-@dataclass(eq=False)
-class GenJob:
-    """One request: prompts (rows) with per-row steering and shared options."""
-
-    prompts: list[str]
-    steering: list[list[Resolved]]
-    options: GenerationOptions
-    emit: Callable[[Event], None]
-    timeout_s: float = 120.0
-    prompt_tokens: int = 0  # the longest row's prompt in tokens, counted by the app (0: unknown)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    created: float = field(default_factory=time.monotonic)
-    finished: bool = False  # set once Done/Failed was emitted (worker thread only)
-    outcome: str | None = None  # "done", "cancelled", "timed_out" or "failed", once finished
-
-    @property
-    def deadline(self) -> float:
-        return self.created + self.timeout_s
-
-    @property
-    def cost(self) -> float:
-        """This job's work in decode steps: its new tokens, and its prompt (prefill is parallel, so cheaper)."""
-        return self.prompt_tokens / PREFILL_PER_STEP + self.options.max_new_tokens
-
-    def end(self, event: Event) -> None:
-        if not self.finished:
-            self.finished = True
-            self.outcome = _outcome(event)
-            self.emit(event)
-
-
-class Engine(Protocol):
-    """What generates for the routes: :class:`Runner` (transformers) or
-    :class:`~steerlab.server.vllm_runner.VLLMRunner` (vLLM). The routes know only this surface."""
-
-    def start(self) -> None: ...
-    def shutdown(self) -> None: ...
-    def close(self) -> None: ...
-    def submit(self, job: GenJob) -> None: ...
-    def call(self, fn: Callable[[], Any]) -> Future: ...
-    def engine_info(self) -> dict[str, str]: ...
-    def stats(self) -> dict[str, Any]: ...
-
-
-def _outcome(event: Event) -> str:
-    if isinstance(event, Done):
-        return "done"
-    if isinstance(event, Failed) and isinstance(event.error, JobCancelled):
-        return "cancelled"
-    if isinstance(event, Failed) and isinstance(event.error, JobTimeout):
-        return "timed_out"
-    return "failed"
-
 
 @dataclass(eq=False)
 class _Call:
@@ -200,107 +106,6 @@ def batch_key(opts: GenerationOptions) -> tuple | None:
         return None
     return (opts.temperature, opts.top_p if sample else None, opts.chat, opts.positions, opts.norm_preserve,
             opts.repetition_penalty)
-
-
-class _BatchStreamer(BaseStreamer):
-    """Splits a batch's new tokens back into jobs; ends each job when its rows are done."""
-
-    def __init__(self, tokenizer: Any, slots: list[tuple[GenJob, int]], eos: set[int], stop: threading.Event,
-                 prompt_tokens: list[int], started: float, n_jobs: int) -> None:
-        self.slots = slots
-        self.eos = eos
-        self.stop = stop
-        self.prompt_tokens = prompt_tokens
-        self.started = started
-        self.n_jobs = n_jobs
-        self.jobs = list(dict.fromkeys(job for job, _ in slots))
-        self.ids: list[list[int]] = [[] for _ in slots]
-        self.texts = [TextDeltas(tokenizer) for _ in slots]
-        self.reason: list[str | None] = [None] * len(slots)
-        self.first_token: dict[GenJob, float] = {}
-        self.prompt_seen = False
-        self.report: dict = {}  # filled by generate(): "live" is the governor while it runs
-        self.should_yield: Callable[[], bool] | None = None  # set by the runner for each slice
-        self.yielded = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompts (every slice starts with them)
-            self.prompt_seen = True
-            return
-        now = time.monotonic()
-        self._check_alive(now)
-        for r, t in enumerate(value.reshape(len(self.slots), -1)[:, -1].tolist()):
-            job, _ = self.slots[r]
-            if job.finished or self.reason[r]:
-                continue
-            if t in self.eos:
-                self.reason[r] = "stop"
-            else:
-                self.ids[r].append(t)
-                self.first_token.setdefault(job, now)
-                self._emit_delta(r)
-                if len(self.ids[r]) >= job.options.max_new_tokens:
-                    self.reason[r] = "length"
-        for job in self.jobs:
-            if not job.finished and all(self.reason[r] for r, (j, _) in enumerate(self.slots) if j is job):
-                self._finish(job)
-        if all(job.finished for job in self.jobs):
-            self.stop.set()
-        elif self.should_yield is not None and self.should_yield():
-            self.yielded = True
-            self.stop.set()
-
-    def end(self) -> None:
-        pass
-
-    def _gain(self, r: int) -> float | None:
-        gov = self.report.get("live")
-        if gov is None or not bool(gov.on[r]) or not gov.gains[r]:
-            return None
-        return gov.gains[r][-1]
-
-    def _emit_delta(self, r: int) -> None:
-        if delta := self.texts[r].delta(self.ids[r]):
-            job, row = self.slots[r]
-            job.emit(Delta(row, delta, self._gain(r)))
-
-    def _check_alive(self, now: float) -> None:
-        for job in self.jobs:
-            if job.finished:
-                continue
-            if job.cancel.is_set():
-                job.end(Failed(JobCancelled("cancelled by the client")))
-            elif now > job.deadline:
-                job.end(Failed(ran_past(job)))
-
-    def _finish(self, job: GenJob) -> None:
-        rows = []
-        for r, (j, _) in enumerate(self.slots):
-            if j is job:
-                tail, text = self.texts[r].final(self.ids[r])
-                if tail:  # a held-back tail
-                    job.emit(Delta(self.slots[r][1], tail))
-                gov = self.report.get("live")
-                summary = gov.summary()[r] if gov is not None and bool(gov.on[r]) else None
-                rows.append(RowResult(text=text.strip(), tokens=len(self.ids[r]), prompt_tokens=self.prompt_tokens[r],
-                                      finish_reason=self.reason[r] or "length", governor=summary))
-        now = time.monotonic()
-        first = self.first_token.get(job)
-        job.end(Done(rows=rows, batch_jobs=self.n_jobs, batch_rows=len(self.slots),
-                     queued_s=self.started - job.created, first_token_s=None if first is None else first - job.created,
-                     total_s=now - job.created))
-
-    def close(self, error: BaseException | None) -> None:
-        """After ``generate`` returned (or raised): answer every job still open."""
-        self._check_alive(time.monotonic())
-        for job in self.jobs:
-            if error is not None:
-                job.end(Failed(error))
-            else:
-                for r, (j, _) in enumerate(self.slots):
-                    if j is job and not self.reason[r]:
-                        self.reason[r] = "length" if len(self.ids[r]) >= job.options.max_new_tokens else "stop"
-                self._finish(job)
 
 
 class Runner:
@@ -630,18 +435,3 @@ class Runner:
                 job.end(Failed(error))
         elif item.future.set_running_or_notify_cancel():
             item.future.set_exception(error)
-
-
-def _is_oom(error: BaseException) -> bool:
-    """Out of memory, on an accelerator or the CPU (torch's CPU allocator raises a RuntimeError)."""
-    oom = getattr(torch, "OutOfMemoryError", None)
-    if (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(
-        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc"))
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-    text = str(error).replace("\n", " ")
-    return text if len(text) <= limit else text[:limit] + "..."
