@@ -12,11 +12,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from helpers import random_vector
+from helpers import random_vector, serve_in_thread
 
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
 from steerlab.server.limits import MAX_BODY_BYTES
 from steerlab.store import VectorStore
 

@@ -19,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..generate import TextDeltas
 from .jobs import Delta, Done, Failed, GenJob, JobCancelled, RowResult, ran_past
 
-class _BatchStreamer(BaseStreamer):
+class BatchStreamer(BaseStreamer):
     """Splits a batch's new tokens back into jobs; ends each job when its rows are done."""
 
     def __init__(self, tokenizer: Any, slots: list[tuple[GenJob, int]], eos: set[int], stop: threading.Event,

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 from ..errors import SteeringError
-from .runner import Busy, Delta, Done, Engine, Event, Failed, GenJob, JobCancelled, JobTimeout, _is_oom, ran_past
+from .jobs import Busy, Delta, Done, Engine, Event, Failed, GenJob, JobCancelled, JobTimeout, is_oom, ran_past
 
 POLL_S = 0.5  # how often a waiting handler checks whether its client is still there
 
@@ -58,7 +58,7 @@ def http_error(error: BaseException) -> HTTPException:
         return HTTPException(499, str(error))
     if isinstance(error, SteeringError):
         return HTTPException(400, str(error))
-    if _is_oom(error):
+    if is_oom(error):
         return HTTPException(503, OOM_MESSAGE, headers={"Retry-After": "5"})
     message = str(error)
     if len(message) > 300:

@@ -134,7 +134,7 @@ def _outcome(event: Event) -> str:
     return "failed"
 
 
-def _is_oom(error: BaseException) -> bool:
+def is_oom(error: BaseException) -> bool:
     """Out of memory, on an accelerator or the CPU (torch's CPU allocator raises a RuntimeError)."""
     oom = getattr(torch, "OutOfMemoryError", None)
     if (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError):
@@ -144,6 +144,6 @@ def _is_oom(error: BaseException) -> bool:
         s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc"))
 
 
-def _short(error: BaseException, limit: int = 300) -> str:
+def short_error(error: BaseException, limit: int = 300) -> str:
     text = str(error).replace("\n", " ")
     return text if len(text) <= limit else text[:limit] + "..."

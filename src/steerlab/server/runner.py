@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 from ..generate import GenerationOptions, eos_ids
 from ..spec import Resolved
 from . import slices
-from .batch_streamer import _BatchStreamer
+from .batch_streamer import BatchStreamer
 from .jobs import (  # re-exported: routes, tests and the vLLM runner import them from here
     PREFILL_PER_STEP,
     Busy,
@@ -61,8 +61,8 @@ from .jobs import (  # re-exported: routes, tests and the vLLM runner import the
     JobCancelled,
     JobTimeout,
     RowResult,
-    _is_oom,
-    _short,
+    is_oom,
+    short_error,
     ran_past,
 )
 
@@ -227,7 +227,7 @@ class Runner:
         self._pending.remove(best)
         return best
 
-    def _yield_check(self, batch: list[GenJob], streamer: _BatchStreamer, opts: GenerationOptions,
+    def _yield_check(self, batch: list[GenJob], streamer: BatchStreamer, opts: GenerationOptions,
                      state_generated: int, slice_started: float, prompt_left: int = 0) -> Callable[[], bool]:
         """For the streamer: whether the running batch should stop now and let a waiting job run."""
         if opts.seed is not None and opts.temperature > 0:
@@ -322,7 +322,7 @@ class Runner:
         error: BaseException | None = None
         try:
             state = slices.begin(self.lm, prompts, opts)
-            streamer = _BatchStreamer(self.lm.tokenizer, slots, self._eos, threading.Event(),
+            streamer = BatchStreamer(self.lm.tokenizer, slots, self._eos, threading.Event(),
                                       state.mask.sum(dim=1).tolist(), started, len(batch))
             self._batch_sizes.append((len(batch), len(slots)))
             self._counts["batches"] += 1
@@ -381,7 +381,7 @@ class Runner:
                 self._cv.notify_all()
             self._counts["yielded"] += 1
             return
-        if error is not None and len(run.batch) > 1 and not _is_oom(error):
+        if error is not None and len(run.batch) > 1 and not is_oom(error):
             untouched = [j for j in run.batch if not j.finished and j not in streamer.first_token]
             if len(untouched) == len(run.batch):  # failed before any token: find the job it belongs to
                 log.warning("runner: a batch of %d jobs failed (%s); retrying each alone", len(run.batch),
@@ -395,7 +395,7 @@ class Runner:
         self._finish_batch(run.batch, streamer, error, run.started)
 
     @staticmethod
-    def _keep_prefilling(streamer: _BatchStreamer, stop: threading.Event) -> bool:
+    def _keep_prefilling(streamer: BatchStreamer, stop: threading.Event) -> bool:
         """Between prefill chunks: the same checks a decode step makes (client, deadline, yielding)."""
         streamer._check_alive(time.monotonic())
         if all(job.finished for job in streamer.jobs):
@@ -405,10 +405,10 @@ class Runner:
             stop.set()
         return not stop.is_set()
 
-    def _finish_batch(self, batch: list[GenJob], streamer: _BatchStreamer | None, error: BaseException | None,
+    def _finish_batch(self, batch: list[GenJob], streamer: BatchStreamer | None, error: BaseException | None,
                       started: float) -> None:
         if error is not None and not isinstance(error, Busy):
-            log.error("runner: generation failed: %s: %s", type(error).__name__, _short(error))
+            log.error("runner: generation failed: %s: %s", type(error).__name__, short_error(error))
         if streamer is None:  # encoding failed: error is set
             for job in batch:
                 job.end(Failed(error or RuntimeError("the batch could not start")))

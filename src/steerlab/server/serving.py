@@ -1,6 +1,6 @@
 """Running the app under uvicorn: connection limits, idle timeouts, a graceful stop, quieter logs.
 
-Owns the uvicorn configuration that ``steerlab serve`` and :func:`~steerlab.server.background.serve_in_thread`
+Owns the uvicorn configuration that ``steerlab serve`` and the tests' ``serve_in_thread`` (tests/helpers.py)
 share, so tests run what users run:
 
 * a connection that sends no complete request head within ``head_timeout_s`` is closed (uvicorn

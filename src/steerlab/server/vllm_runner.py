@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from ..generate import TextDeltas
-from .runner import Busy, Delta, Done, Failed, GenJob, JobCancelled, RowResult, ran_past
+from .jobs import Busy, Delta, Done, Failed, GenJob, JobCancelled, RowResult, ran_past
 
 if TYPE_CHECKING:
     from ..engines.vllm_engine import AsyncVLLMEngine, VLLMModel
