@@ -19,7 +19,7 @@ import pytest
 
 from steerlab import GenerationOptions
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.server.runner import Delta, Done, Failed, GenJob, JobTimeout, Runner
 from steerlab.store import VectorStore
 

@@ -25,7 +25,7 @@ from helpers import free_port, random_vector, wait_healthy
 from steerlab import SteeringVector
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.store import VectorStore
 
 ROOT = Path(__file__).resolve().parents[1]

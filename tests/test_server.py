@@ -20,7 +20,7 @@ from helpers import free_port, random_vector, wait_healthy
 
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.store import VectorStore
 
 NAMES = ["weeknd", "toronto", "tabby_cats"]

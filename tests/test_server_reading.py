@@ -11,7 +11,7 @@ from test_server import events, greedy, make_store
 
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

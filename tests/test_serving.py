@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.server.serving import RepeatFilter, make_server
 from steerlab.store import VectorStore
 
