@@ -120,7 +120,7 @@ def server(slow_lm, tmp_path_factory):
     store = VectorStore(tmp_path_factory.mktemp("fair-vectors"), slow_lm)
     app = create_app(slow_lm, store, ServerSettings(batch_wait_s=0.0))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
-        yield SimpleNamespace(url=url, client=client, runner=app.state.runner)
+        yield SimpleNamespace(url=url, client=client, runner=app.state.studio.runner)
 
 
 def _wait_idle(runner: Runner, timeout: float = 30) -> float:

@@ -46,7 +46,7 @@ def test_sigterm_ends_in_flight_requests_with_the_documented_503(slow_lm, tmp_pa
         threads = [threading.Thread(target=f) for f in (plain, streamed)]
         for t in threads:
             t.start()
-        runner = app.state.runner
+        runner = app.state.studio.runner
         for _ in range(500):
             if runner.stats()["busy"]:
                 break

@@ -23,6 +23,7 @@ from .openapi import GENERATION, errors, json_or_sse
 from .resolve import options, resolve_steering
 from .runner import Done, GenJob
 from .schemas import ChatRequest
+from .state import studio
 
 if TYPE_CHECKING:
     from ..models import ModelInfo
@@ -51,7 +52,7 @@ def render(lm: ModelInfo, messages: list, *, adds_special: bool) -> tuple[str, b
 
 @router.get("/models", summary="The one loaded model, as OpenAI's model list", responses=errors(openai=True))
 def models(request: Request) -> dict[str, Any]:
-    lm = request.app.state.lm
+    lm = studio(request).lm
     return {"object": "list", "data": [{"id": lm.model_id, "object": "model", "created": 0, "owned_by": "steerlab"}]}
 
 
@@ -59,7 +60,7 @@ def models(request: Request) -> dict[str, Any]:
              responses={**json_or_sse("A chat.completion, or chat.completion.chunk events ending in [DONE]"),
                         **errors(*GENERATION, openai=True)})
 async def chat_completions(req: ChatRequest, request: Request) -> Any:
-    state = request.app.state
+    state = studio(request)
     lm, settings = state.lm, state.settings
     prompt, chat = render(lm, req.messages, adds_special=state.adds_special_tokens)
     steers, applied = resolve_steering(req.steering, req.strength, store=state.store, lm=lm, settings=settings,

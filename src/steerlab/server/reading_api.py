@@ -25,8 +25,10 @@ from .limits import MAX_PROMPT_CHARS, MAX_VECTORS
 from .openapi import errors
 from .resolve import unknown_vector
 from .schemas import VectorName
+from .state import studio
 
 if TYPE_CHECKING:
+    from .state import Studio
     from ..models import LoadedModel
     from ..store import VectorStore
 
@@ -71,7 +73,7 @@ def check_read(names: Sequence[str] | None, store: VectorStore) -> None:
             raise unknown_vector(name, store)
 
 
-async def read_rows(state: Any, names: Sequence[str], texts: Sequence[str], *,
+async def read_rows(state: Studio, names: Sequence[str], texts: Sequence[str], *,
                     prompts: Sequence[str] | None = None, chat: bool | None = None) -> list[dict[str, Any]]:
     """Readings of ``texts`` (replies to ``prompts`` when given) for vectors ``names``, on the worker."""
     check_read(names, state.store)
@@ -112,7 +114,7 @@ router = APIRouter(tags=["glass box"])
 @router.post("/read", summary="Token readings of a text for some vectors (monitoring, no generation)",
              responses=errors(404, 413, 422))
 async def read(req: ReadRequest, request: Request) -> dict[str, Any]:
-    rows = await read_rows(request.app.state, req.read or [], [req.text],
+    rows = await read_rows(studio(request), req.read or [], [req.text],
                            prompts=None if req.prompt is None else [req.prompt])
     return {"text": req.text, "read": rows[0]}
 
@@ -123,7 +125,7 @@ async def lens(name: str, request: Request, k: int = Query(8, ge=1, le=50)) -> d
     """At the vector's active layers and its deepest layer (where the lens reads clearest)."""
     from ..lens import lens_layers, logit_lens
 
-    state = request.app.state
+    state = studio(request)
     check_read([name], state.store)
     vec = state.store.vectors[name]
     try:

@@ -8,7 +8,6 @@ and the JSON description of a vector. Raises HTTP errors with messages a client 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,29 +20,12 @@ from ..spec import DEFAULT_GOVERNOR, DEFAULT_OPERATOR, Resolved, Steer, default_
 from ..personas import builtin_names
 from ..store import VectorStore
 from ..vectors import SteeringVector
-from .limits import MAX_PROMPT_TOKENS, MIN_SAMPLING_TEMPERATURE
+from .limits import MIN_SAMPLING_TEMPERATURE
 from .schemas import SteerEntry
+from .settings import ServerSettings  # re-exported: it lived here
 
 if TYPE_CHECKING:
     from ..models import ModelInfo
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Everything the app needs besides the model and the vectors."""
-
-    strength: float | None = None  # STRENGTH: replaces every vector's default strength
-    max_queue: int = 32  # waiting jobs before 503
-    max_batch_rows: int = 16  # rows (prompts) in one batched generation
-    batch_wait_s: float = 0.01  # how long the worker waits for more jobs to batch with
-    request_timeout_s: float = 120.0  # per request, queueing included
-    max_prompt_tokens: int = MAX_PROMPT_TOKENS  # a request's rendered prompt; the model's context bounds it too
-    max_batch_tokens: int = 8192  # padded prompt tokens (rows x longest prompt) in one batch
-    allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback that mutating requests may use
-    build_batch_size: int = 4  # contrast texts per forward pass when building (progress granularity)
-    api_key: str | None = field(default=None, repr=False)  # STEERLAB_API_KEY: required on mutating endpoints
-    api_key_all: bool = False  # STEERLAB_API_KEY_ALL=1: the key is required everywhere but / and /health
-    public: bool = False  # bound to a non-loopback address: without a key, mutating endpoints are refused
 
 
 def effective_strength(vec: SteeringVector, settings: ServerSettings) -> float:

@@ -122,7 +122,7 @@ class Server(uvicorn.Server):
 def make_server(app: Any, *, host: str, port: int, log_level: str = "info", limit_concurrency: int = 256,
                 max_connections: int | None = None, timeout_keep_alive: float = 5.0, head_timeout_s: float = 10.0,
                 graceful_s: float = 5.0) -> Server:
-    """The configured server for ``app`` (its ``state.runner`` is shut down on the first stop signal)."""
+    """The configured server for ``app`` (its ``state.studio.runner`` is shut down on the first stop signal)."""
     soft = raise_open_file_limit()
     if max_connections is None:
         max_connections = max(16, min(4 * limit_concurrency, (soft or 1024) - 64))
@@ -132,6 +132,6 @@ def make_server(app: Any, *, host: str, port: int, log_level: str = "info", limi
                             timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]
                             http=protocol(head_timeout_s, max_connections))
     quiet_repeats()
-    runner = getattr(getattr(app, "state", None), "runner", None)
+    runner = getattr(getattr(getattr(app, "state", None), "studio", None), "runner", None)
     shutdown = getattr(runner, "shutdown", None)
     return Server(config, on_exit=shutdown)

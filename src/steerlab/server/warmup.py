@@ -97,7 +97,7 @@ class WarmingUp:
 
     def shutdown_runner(self) -> None:
         """On a stop signal: let the loaded app's runner answer in-flight requests (503) first."""
-        runner = getattr(getattr(self.app, "state", None), "runner", None)
+        runner = getattr(getattr(getattr(self.app, "state", None), "studio", None), "runner", None)
         if runner is not None and hasattr(runner, "shutdown"):
             runner.shutdown()
 
