@@ -24,7 +24,7 @@ import click
 
 from .defaults import REPETITION_PENALTY
 from .errors import SteeringError
-from .options import F, load_lm, model_options, open_store, vectors_option
+from .options import AliasedOption, F, load_lm, model_options, open_store, vectors_option
 
 if TYPE_CHECKING:
     from .generate import GenerationOptions
@@ -94,7 +94,7 @@ def generation_options(f: F) -> F:
                      help="Strength for every --steer without a dose, in residual-norm units per layer."),
         click.option("--scale", default=None, type=float,
                      help="Absolute scale on the unit direction instead of --strength (the seed's STRENGTH)."),
-        click.option("--layer", "layer_spec", default=None,
+        click.option("--layer", "--layers", "layer_spec", cls=AliasedOption, default=None,
                      help="Apply at these layers instead of the vector's defaults: 12, 10,12,14 or 8:16:2."),
         click.option("--operator", type=click.Choice(["add", "add_norm", "target", "cap", "rotate"]), default=None,
                      help="How to steer (default: the vector's, else add); formulas in docs/dose.md."),
@@ -198,7 +198,7 @@ def _describe(steering: list[Steer], lm: LoadedModel) -> str:
 @click.argument("personas", nargs=-1)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder to write vectors to (default: the vectors folder). Env: STEERLAB_VECTORS.")
-@click.option("--layer", "layer_spec", default="all", show_default=True,
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption, default="all", show_default=True,
               help="Layers to compute directions at: all, 12, 10,12,14 or 4:24:2.")
 @click.option("--method", type=click.Choice(["mean_diff", "pca", "probe", "optimize"]), default=None,
               help="Direction estimator (default: the persona's, else mean_diff); optimize trains the mean "
@@ -289,7 +289,7 @@ def _calibrate(lm: LoadedModel, vec: SteeringVector) -> SteeringVector:
 @click.argument("names", nargs=-1, required=True)
 @click.option("--operator", "operators", default=None, metavar="OP[,OP...]|all",
               help="Operators to measure: add, add_norm, target, cap, rotate, or all (default: the vector's).")
-@click.option("--layer", "layer_spec", default=None,
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption, default=None,
               help="Layers to measure at (default: the vector's default layers).")
 @click.option("--governor/--no-governor", default=None,
               help="Measure with the coherence governor (default: the vector's).")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from .options import load_lm, model_options, open_store, vectors_option
+from .options import AliasedOption, load_lm, model_options, open_store, vectors_option
 
 if TYPE_CHECKING:
     from .anatomy import LayerProfileRow
@@ -79,7 +79,7 @@ def _layers(spec: str | None, lm: LoadedModel) -> list[int] | None:
 @click.argument("text", required=False)
 @click.option("--vector", "-v", "names", multiple=True, required=True, metavar="NAME",
               help="Vector whose concept to read (repeatable).")
-@click.option("--layer", "layer_spec", default=None,
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption, default=None,
               help="Read at these layers instead of the vector's default layers: 12, 10,12,14 or 8:16:2.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of coloured text.")
 @click.option("--lens/--no-lens", default=True, show_default=True,
@@ -184,7 +184,8 @@ def _profile_plot(vecs: list[SteeringVector], profiles: dict[str, list[LayerProf
 
 @click.command("doctor")
 @click.argument("personas", nargs=-1, required=True)
-@click.option("--layer", "layer_spec", default=None, help="Layers to examine (default: all).")
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption,
+              default=None, help="Layers to examine (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per persona (one per line).")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write <name>_doctor.png (AUC, consistency, neighbour cosine per layer) to this folder.")
@@ -254,7 +255,8 @@ def _print_diagnosis(diag: Diagnosis, *, all_layers: bool) -> None:
 
 @click.command("similar")
 @click.argument("names", nargs=-1, required=True)
-@click.option("--layer", "layer_spec", default=None, help="Compare at these layers only (default: all shared).")
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption, default=None,
+              help="Compare at these layers only (default: all shared).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("similar.png"),
               show_default=True, help="Where to write the figure.")
 @click.option("--no-plot", is_flag=True, help="Do not write a figure.")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .options import model_options, vectors_option
+from .options import AliasedOption, model_options, vectors_option
 
 if TYPE_CHECKING:
     from .gguf_io import NormsSource
@@ -59,7 +59,7 @@ def _export_layers(spec: str | None, vec: SteeringVector) -> list[int] | None:
 @click.option("--strength", default=None, type=float,
               help="Strength baked into the file (default 1.0, so that llama.cpp's --control-vector-scaled "
                    "SCALE equals steerlab strength).")
-@click.option("--layer", "layer_spec", default=None,
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption, default=None,
               help="Layers to write: 12, 10,12,14, 4:24:2 or all (every layer but 0). Default: the vector's "
                    "default layers.")
 @vectors_option
@@ -112,7 +112,8 @@ def import_cmd(file: Path, name: str | None, norms: str, force: bool, vectors_di
 
 @click.command("compare-methods")
 @click.argument("persona")
-@click.option("--layer", "layer_spec", default="all", show_default=True, help="Layers: all, 12, 10,12,14 or 4:24:2.")
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption,
+              default="all", show_default=True, help="Layers: all, 12, 10,12,14 or 4:24:2.")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2, 100), help="Cross-validation folds.")
 @model_options
 def compare_methods_cmd(persona: str, layer_spec: str, folds: int, model_id: str | None, device: str,

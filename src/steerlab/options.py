@@ -23,6 +23,21 @@ MODEL_HELP = ("Hugging Face model id or local folder (default: embedded SmolLM2-
               "built-in Gemma 3 270M base, extra steerlab[gemma]). Env: STEERLAB_MODEL.")
 
 
+class AliasedOption(click.Option):
+    """An option accepted under all its names, shown in help under the first only.
+
+    One vocabulary across commands (``--layer``) while older spellings (``--layers``) keep working.
+    """
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        names = self.opts
+        self.opts = names[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = names
+
+
 def model_options(f: F) -> F:
     """--model, --device, --dtype."""
     f = click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")(f)
