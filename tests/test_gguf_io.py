@@ -13,7 +13,7 @@ from helpers import random_vector
 
 from steerlab import SteeringError, SteeringVector, VectorFileError
 from steerlab.gguf_io import export_gguf, import_gguf, read_gguf
-from steerlab.personas import load_vectors
+from steerlab.store import load_vectors
 
 
 def _fields(path):

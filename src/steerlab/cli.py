@@ -380,7 +380,8 @@ def compare(prompt: str, vectors_dir: Path | None, model_id: str | None, device:
 def list_(vectors_dir: Path | None, details: bool) -> None:
     """List built vectors (with metadata) and personas available to build."""
     from .paths import default_vectors_dir
-    from .personas import available_personas, load_vectors
+    from .personas import available_personas
+    from .store import load_vectors
 
     folder = vectors_dir or default_vectors_dir()
     click.echo(f"vectors folder: {folder}")

@@ -30,7 +30,8 @@ def _open(model_id: str | None, device: str, dtype: str, vectors_dir: Path | Non
 def _load_vector(name: str, vectors_dir: Path | None) -> SteeringVector:
     from .errors import VectorFileError
     from .paths import default_vectors_dir
-    from .personas import available_personas, check_name, vector_path
+    from .personas import available_personas, check_name
+    from .store import vector_path
     from .vectors import SteeringVector
 
     if name.endswith(".safetensors") or "/" in name:

@@ -1,4 +1,4 @@
-"""Personas: contrast sets as human-editable TOML files, and the vectors folder.
+"""Personas: contrast sets as human-editable TOML files (loading a vectors folder is :mod:`steerlab.store`'s).
 
 Built-in personas ship in ``steerlab/personas/*.toml``; users add their own in
 :func:`steerlab.paths.user_personas_dir` or pass a file path. A vectors folder holds one
@@ -16,16 +16,14 @@ Built-in personas ship in ``steerlab/personas/*.toml``; users add their own in
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
 import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .errors import PersonaError, VectorFileError
+from .errors import PersonaError
 from .paths import user_personas_dir
 from .vectors import SteeringVector
 
@@ -163,38 +161,3 @@ def build_persona(lm: LoadedModel, persona: Persona, *, layers: list[int] | None
 
         vec = optimize_vector(lm, vec, persona.positive, persona.negative, progress=progress)
     return vec
-
-
-def vector_path(folder: str | Path, name: str) -> Path:
-    return Path(folder) / f"{check_name(name)}.safetensors"
-
-
-def load_vectors(folder: str | Path, *, model_id: str | None = None, hidden_size: int | None = None,
-                 on_error: Callable[[Path, VectorFileError], object] | None = None) -> dict[str, SteeringVector]:
-    """Load every ``*.safetensors`` / ``*.gguf`` vector in ``folder``; bad files go to ``on_error(path, exc)``."""
-    out: dict[str, SteeringVector] = {}
-    folder = Path(folder)
-    if not folder.is_dir():
-        return out
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        if path.suffix not in (".safetensors", ".gguf", ".pkl", ".pickle", ".pt", ".pth"):
-            continue
-        try:
-            if path.is_symlink():  # a planted link could expose (or load) a file from outside the folder
-                raise VectorFileError(f"{path.name} is a symbolic link; vectors must be plain files in the folder "
-                                      "(copy the file in instead)")
-            if path.suffix == ".gguf":  # llama.cpp / repeng control vector (a same-named .safetensors wins)
-                from .gguf_io import import_gguf
-
-                vec = import_gguf(path, model_id=model_id, hidden_size=hidden_size)
-            else:
-                vec = SteeringVector.load(path, model_id=model_id, hidden_size=hidden_size)
-        except VectorFileError as exc:
-            if on_error is None:
-                raise
-            on_error(path, exc)
-            continue
-        out[path.stem] = vec
-    return out

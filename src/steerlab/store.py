@@ -1,5 +1,8 @@
 """A folder of vectors for one model: load, look up, build missing built-ins, save.
 
+:func:`load_vectors` reads a folder (``<name>.safetensors``, llama.cpp ``.gguf``); :class:`VectorStore`
+holds one for a model.
+
 Used by the CLI and held in the server's app state (there is no global instance). Bad files
 are skipped with a warning naming the file and the reason, never fatal: besides unreadable
 files, a vector whose numbers are not finite or whose layers the model lacks is refused here,
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import PersonaError, VectorFileError
-from .personas import available_personas, build_persona, builtin_names, get_persona, load_vectors, vector_path
+from .personas import available_personas, build_persona, builtin_names, check_name, get_persona
 from .vectors import SteeringVector
 
 if TYPE_CHECKING:
@@ -130,6 +133,41 @@ class VectorStore:
     def update(self, name: str, vec: SteeringVector) -> SteeringVector:
         """Replace an existing vector (e.g. new defaults from a sweep)."""
         return self.add(vec, overwrite=True, name=name)
+
+
+def vector_path(folder: str | Path, name: str) -> Path:
+    return Path(folder) / f"{check_name(name)}.safetensors"
+
+
+def load_vectors(folder: str | Path, *, model_id: str | None = None, hidden_size: int | None = None,
+                 on_error: Callable[[Path, VectorFileError], object] | None = None) -> dict[str, SteeringVector]:
+    """Load every ``*.safetensors`` / ``*.gguf`` vector in ``folder``; bad files go to ``on_error(path, exc)``."""
+    out: dict[str, SteeringVector] = {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix not in (".safetensors", ".gguf", ".pkl", ".pickle", ".pt", ".pth"):
+            continue
+        try:
+            if path.is_symlink():  # a planted link could expose (or load) a file from outside the folder
+                raise VectorFileError(f"{path.name} is a symbolic link; vectors must be plain files in the folder "
+                                      "(copy the file in instead)")
+            if path.suffix == ".gguf":  # llama.cpp / repeng control vector (a same-named .safetensors wins)
+                from .gguf_io import import_gguf
+
+                vec = import_gguf(path, model_id=model_id, hidden_size=hidden_size)
+            else:
+                vec = SteeringVector.load(path, model_id=model_id, hidden_size=hidden_size)
+        except VectorFileError as exc:
+            if on_error is None:
+                raise
+            on_error(path, exc)
+            continue
+        out[path.stem] = vec
+    return out
 
 
 _VECTOR_SUFFIXES = (".safetensors", ".gguf", ".pkl", ".pickle", ".pt", ".pth")  # what load_vectors looks at
