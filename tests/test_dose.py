@@ -11,7 +11,7 @@ from helpers import random_vector
 
 from steerlab import GenerationOptions, Steer, SteeringError, generate
 from steerlab.calibrate import Window, _crossing, calibrate, with_window
-from steerlab.cli import parse_steer
+from steerlab.generation_command import parse_steer
 from steerlab.governor import Governor, _loops
 from steerlab.spec import resolve
 
