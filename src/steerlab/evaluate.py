@@ -14,6 +14,8 @@ Prints nothing and knows nothing about the command line; formulas are documented
   ``F_rep = clip(1 - rep / REP_LIMIT, 0, 1)``;
 * fluency ``F = F_ppl * F_rep`` and combined score ``S = 2 C F / (C + F)`` (harmonic mean,
   AxBench-style), averaged over prompts.
+
+The whole sweep (settings, pick, files) is :mod:`steerlab.sweeps`; this module is its scores and grid.
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ def pooling_of(vec: SteeringVector) -> tuple[str, bool]:
     return pooling or "mean", vec.pooling.endswith(":chat")
 
 
-def run_sweep(  # noqa: C901 - one pass over the steps above; split, each would need the others' locals
+# About 90 lines, a third of them its signature and docstring: the steps share one set of locals.
+def run_sweep(
     lm: LoadedModel,
     vec: SteeringVector,
     *,
@@ -112,7 +113,6 @@ def run_sweep(  # noqa: C901 - one pass over the steps above; split, each would 
     prompts)`` the size of the grid, ``on_cell()`` each finished cell.
     """
     from .generate import GenerationOptions
-    from .personas import build_persona
 
     prompts = ev.neutral_prompts(n_prompts)
     groups = ev.parse_layer_groups(layer_spec or ev.default_layer_spec(lm.n_layers), lm.n_layers)
@@ -120,18 +120,7 @@ def run_sweep(  # noqa: C901 - one pass over the steps above; split, each would 
     if missing:
         raise SteeringError(f"{vec.name} has no direction at layers {missing} (it has {vec.layers}); "
                             f"rebuild it at every layer: steerlab build {vec.name} --force")
-    # Vectors to compare: the stored one, or rebuilt from the persona with other pooling / contrast.
-    vectors: dict[tuple[str | None, bool | None], SteeringVector] = {(None, None): vec}
-    if poolings or chats:
-        if persona is None:
-            raise SteeringError(f"--pooling/--contrast rebuild the vector from its persona; {vec.name!r} is not "
-                                "a persona")
-        own_pool, own_chat = pooling_of(vec)
-        vectors = {}
-        for pool, chat in itertools.product(poolings or [own_pool], chats or [own_chat]):
-            key = (pool, chat)
-            vectors[key] = vec if key == (own_pool, own_chat) else \
-                build_persona(lm, persona, pooling=pool, chat=chat, progress=False)
+    vectors = _vectors_to_compare(lm, vec, persona, poolings, chats)
     pos_list = list(positions) or [vec.extra.get("positions", "all")]
     settings = [Setting(p, n, *k) for k, p, n in itertools.product(vectors, pos_list, norm_preserve)]
     show_build = len(vectors) > 1 or bool(poolings or chats)
@@ -184,13 +173,35 @@ def run_sweep(  # noqa: C901 - one pass over the steps above; split, each would 
     result = SweepResult(name=vec.name, rows=rows, base=base, best=best, best_setting=best_setting,
                          halves=ev.half_scores(best), held_out=held_out, signal=signal, prompts=prompts,
                          max_new_tokens=max_new_tokens, seconds=seconds, reference=reference, vectors=vectors)
-    result.summary = ev.summary(rows, best) | {
-        "positions": best_setting.positions, "norm_preserve": best_setting.norm_preserve,
-        "max_new_tokens": max_new_tokens, "reference": reference, "seconds": round(seconds, 1),
-        "date": time.strftime("%Y-%m-%d"), "plot": f"{vec.name}.sweep.png",
-        "pick": "max over cells of min(S on even prompts, S on odd prompts)", "held_out": held_out,
-    }
+    result.summary = _summary(result)
     return result
+
+
+def _vectors_to_compare(lm: LoadedModel, vec: SteeringVector, persona: Persona | None, poolings: Sequence[str],
+                        chats: Sequence[bool]) -> dict[tuple[str | None, bool | None], SteeringVector]:
+    """The stored vector, or the vector rebuilt from its persona with each pooling x rendering asked for."""
+    from .personas import build_persona
+
+    if not (poolings or chats):
+        return {(None, None): vec}
+    if persona is None:
+        raise SteeringError(f"--pooling/--render rebuild the vector from its persona; {vec.name!r} is not a persona")
+    own_pool, own_chat = pooling_of(vec)
+    vectors: dict[tuple[str | None, bool | None], SteeringVector] = {}
+    for pool, chat in itertools.product(poolings or [own_pool], chats or [own_chat]):
+        key = (pool, chat)
+        vectors[key] = vec if key == (own_pool, own_chat) else \
+            build_persona(lm, persona, pooling=pool, chat=chat, progress=False)
+    return vectors
+
+
+def _summary(r: SweepResult) -> dict[str, Any]:
+    return ev.summary(r.rows, r.best) | {
+        "positions": r.best_setting.positions, "norm_preserve": r.best_setting.norm_preserve,
+        "max_new_tokens": r.max_new_tokens, "reference": r.reference, "seconds": round(r.seconds, 1),
+        "date": time.strftime("%Y-%m-%d"), "plot": f"{r.name}.sweep.png",
+        "pick": "max over cells of min(S on even prompts, S on odd prompts)", "held_out": r.held_out,
+    }
 
 
 def write_sweep(result: SweepResult, out_dir: Path, *, title: str) -> list[Path]:

@@ -171,6 +171,7 @@ def _is_loopback(host: str) -> bool:
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @vectors_option
 @model_options
+# About 90 lines: its signature is its 26 options; the body is start-up in order (checks, settings, load).
 def serve(host: str, port: int, strength: float | None, no_build: bool, max_queue: int, max_batch: int,
           timeout_s: float, max_prompt_tokens: int, limit_concurrency: int, timeout_keep_alive: float,
           allowed_hosts: tuple[str, ...], threads: int | None, api_key_all: bool, engine: str, tp: int, pp: int,
