@@ -145,11 +145,12 @@ def _describe(steering: list[Steer], lm: LoadedModel) -> str:
 
 
 
-@click.command()
-@click.argument("prompt")
-@generation_options
-@vectors_option
-@model_options
+def prompt_command(f: F) -> click.Command:
+    """A command on one PROMPT with the generation, vectors and model options (generate, compare)."""
+    return click.command()(click.argument("prompt")(generation_options(vectors_option(model_options(f)))))
+
+
+@prompt_command
 def generate(prompt: str, vectors_dir: Path | None, model_id: str | None, device: str, dtype: str, **kw: Any) -> None:
     """Generate a completion of PROMPT, steered by --steer vectors (none: base model)."""
     lm = load_lm(model_id, device, dtype)  # first: it says "loading ..." when that is slow
@@ -166,11 +167,7 @@ def generate(prompt: str, vectors_dir: Path | None, model_id: str | None, device
         click.echo(run(lm, prompt, steering, options=_options(kw))[0])
 
 
-@click.command()
-@click.argument("prompt")
-@generation_options
-@vectors_option
-@model_options
+@prompt_command
 def compare(prompt: str, vectors_dir: Path | None, model_id: str | None, device: str, dtype: str, **kw: Any) -> None:
     """Base vs steered completion of PROMPT, generated together in one batch."""
     lm = load_lm(model_id, device, dtype)  # first: it says "loading ..." when that is slow
