@@ -110,7 +110,7 @@ def test_foreign_file_with_model_measures_norms(tiny_lm, tmp_path):
     raw = {f"direction.{i}": np.full(64, 0.5, np.float32) for i in (1, 3)}  # |t| = 4
     v = import_gguf(_foreign(tmp_path / "f.gguf", raw), lm=tiny_lm)
     assert v.extra["norms_source"] == "measured" and v.model_id == "tiny-llama"
-    from steerlab.gguf_io import measure_norms
+    from steerlab.extract import measure_norms
 
     expect = measure_norms(tiny_lm, [1, 3])
     assert v.norms == pytest.approx(expect)

@@ -170,12 +170,11 @@ def build_pair_vector(
     is the default one): the difference of the padded pair's residuals, either the ``mean`` over
     the positions where they differ (the attention-sink position 0 left out, as in extraction,
     unless it is the only one) or the ``last`` position. Residual norms are measured on the
-    neutral prompts (:func:`steerlab.gguf_io.measure_norms`). ``default_strength`` defaults to
+    neutral prompts (:func:`steerlab.extract.measure_norms`). ``default_strength`` defaults to
     0.5 residual norms: added at *every* position, the pair's own difference (several residual
     norms at early layers, recorded as ``extra["difference_strength"]``) breaks the text.
     """
-    from .extract import contrast_hash
-    from .gguf_io import measure_norms
+    from .extract import contrast_hash, measure_norms
 
     (layer,) = check_layers([layer], lm.n_layers)
     use = check_layers(list(layers), lm.n_layers) if layers is not None else list(range(lm.n_layers))

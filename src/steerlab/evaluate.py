@@ -24,12 +24,12 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import SteeringError
+from .extract import neutral_prompts  # re-exported: sweeps and calibration read it from here
 from .prompt_cache import PromptCache, generate_from_cache, perplexities
 
 if TYPE_CHECKING:
@@ -341,15 +341,6 @@ def pick_best(rows: Sequence[SweepRow]) -> SweepRow:
 
 
 # ---- inputs and summaries ------------------------------------------------------------------------
-def neutral_prompts(n: int | None = None) -> list[str]:
-    """The first ``n`` shipped held-out prompts (varied topics, none about any persona)."""
-    text = resources.files("steerlab").joinpath("data", "neutral_prompts.txt").read_text(encoding="utf-8")
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    if n is not None and not 1 <= n <= len(prompts):
-        raise SteeringError(f"asked for {n} held-out prompts; steerlab ships {len(prompts)} (use 1..{len(prompts)})")
-    return prompts[:n] if n is not None else prompts
-
-
 def parse_layer_groups(spec: str, n_layers: int) -> list[tuple[int, ...]]:
     """Rows of a sweep from a layer spec; each row is a group of layers steered together.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -201,3 +202,22 @@ def build_vector(
         default_layers=tuple(check_layers(list(default_layers), lm.n_layers)) if default_layers else tuple(layers),
         default_strength=default_strength,
     )
+
+
+def neutral_prompts(n: int | None = None) -> list[str]:
+    """The first ``n`` shipped held-out prompts (varied topics, none about any persona)."""
+    text = resources.files("steerlab").joinpath("data", "neutral_prompts.txt").read_text(encoding="utf-8")
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if n is not None and not 1 <= n <= len(prompts):
+        raise SteeringError(f"asked for {n} held-out prompts; steerlab ships {len(prompts)} (use 1..{len(prompts)})")
+    return prompts[:n] if n is not None else prompts
+
+
+def measure_norms(lm: LoadedModel, layers: Sequence[int], texts: Sequence[str] | None = None) -> dict[int, float]:
+    """Typical residual norm per layer (mean per-token L2 norm, sink excluded) on ``texts``.
+
+    The same statistic :func:`build_vector` records, measured on the shipped neutral prompts by
+    default: for vectors that come without contrast texts (an imported GGUF file, an ActAdd pair).
+    """
+    _, stats = pooled_activations(lm, list(texts or neutral_prompts()), list(layers), progress=False)
+    return {layer: s / max(n, 1) for layer, (s, n) in stats.items()}

@@ -165,26 +165,6 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[int, np.ndarray], dict[str,
 
 
 # ---- import --------------------------------------------------------------------------------
-def neutral_texts() -> list[str]:
-    """The packaged neutral prompts used to measure residual norms of imported vectors."""
-    from importlib import resources
-
-    text = resources.files("steerlab").joinpath("data", "neutral_prompts.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def measure_norms(lm: LoadedModel, layers: Sequence[int], texts: Sequence[str] | None = None) -> dict[int, float]:
-    """Typical residual norm per layer (mean per-token L2 norm, sink excluded) on ``texts``.
-
-    The same statistic :func:`steerlab.extract.build_vector` records, measured on the neutral
-    prompts by default because an imported file comes without its contrast texts.
-    """
-    from .extract import pooled_activations
-
-    _, stats = pooled_activations(lm, list(texts or neutral_texts()), list(layers), progress=False)
-    return {layer: s / max(n, 1) for layer, (s, n) in stats.items()}
-
-
 def import_gguf(
     path: str | os.PathLike,
     *,
@@ -247,6 +227,8 @@ def import_gguf(
     if source == "measured":
         if lm is None:
             raise VectorFileError(f"{path}: norms='measure' needs the model (pass lm=)")
+        from .extract import measure_norms
+
         measured = measure_norms(lm, sorted(kept))
         residual = {layer: measured[layer] for layer in kept}
         strength = float(np.mean([file_norms[layer] / residual[layer] for layer in kept]))
