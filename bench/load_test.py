@@ -162,7 +162,7 @@ def local_server(model: str, threads: int, folder: Path):
     torch.set_num_threads(threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from steerlab.server import ServerSettings, create_app
-    from steerlab.server.background import serve_in_thread
+    from helpers import serve_in_thread
     from steerlab.store import VectorStore
 
     if model == "tiny":

@@ -231,7 +231,7 @@ def bench_build(args) -> str:  # noqa: ANN001
             fn()
             times[name].append(time.perf_counter() - t)
         log(f"build repeat {r + 1}/{args.repeats}")
-    del lm
+    lm = None  # free the model (the closures above are done with it)
     # Peers, each in its own venv (subprocess; they print one JSON line with their timings).
     peer_args = ["--model", str(MODEL_DIR), "--pairs", str(pairs_file), "--repeats", str(args.repeats)]
     peer_args += ["--slow"] if args.slow else []
@@ -496,7 +496,7 @@ def bench_profile(args) -> str:  # noqa: ANN001
         prof.disable()
         st = pstats.Stats(prof)
         hook_cum = hook_calls = 0.0
-        blocks = fwd = 0.0
+        fwd = 0.0
         for (file, _line, func), (_cc, nc, _tt, ct, _callers) in st.stats.items():
             if file.endswith("steerlab/hooks.py") and func == "add":
                 hook_cum += ct

@@ -68,7 +68,7 @@ def main() -> None:
                 p.terminate()
         print(f"\n{label}: {n} spinning neighbours, load average {load:.2f} at start, {cores} cores; "
               f"steerlab.threads would choose {chosen}")
-        print("| reply tokens | 1 thread (s) | %d threads (s) | 1 / %d |" % (cores, cores))
+        print(f"| reply tokens | 1 thread (s) | {cores} threads (s) | 1 / {cores} |")
         print("|---|---|---|---|")
         for tokens, (one, many) in res.items():
             print(f"| {tokens} | {one:.2f} | {many:.2f} | {one / many:.2f} |")

@@ -113,7 +113,8 @@ def tokens(lm, vec, path: Path) -> None:  # noqa: ANN001
         x = box.x1 + 0.004
         if x > 0.95:
             x, y = 0.02, y - 0.36
-    legend = "reading (neutral std. dev.):  < -2  blue   |   -1..1  none   |   1..2  yellow   |   2..3  orange   |   >= 3  red"
+    legend = ("reading (neutral std. dev.):  < -2  blue   |   -1..1  none   |   1..2  yellow   |   2..3  orange   |"
+              "   >= 3  red")
     ax.text(0.02, 0.05, f"tabby_cats at layers {','.join(map(str, vec.active_layers))}.   {legend}", fontsize=8,
             color="#333333")
     fig.savefig(path)

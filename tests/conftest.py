@@ -129,7 +129,7 @@ def real_vectors(real_lm):
 def real_server(real_lm, real_vectors, tmp_path_factory):
     """The studio app on the real model and the built-in vectors, served on loopback; yields its URL."""
     from steerlab.server import create_app
-    from steerlab.server.background import serve_in_thread
+    from helpers import serve_in_thread
     from steerlab.store import VectorStore
 
     store = VectorStore(tmp_path_factory.mktemp("real-vectors"), real_lm)

@@ -7,7 +7,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -76,3 +79,35 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float 
 
 
 SLOW_STEP_S = 0.03  # the slow_lm fixture's time per forward pass (conftest)
+
+
+# Run an app under a real uvicorn server in a background thread (was steerlab.server.background: only tests used it)
+@contextmanager
+def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0,
+                    **server_options: Any) -> Iterator[str]:
+    """Yield the base URL (``http://127.0.0.1:<port>``) of ``app`` served in a thread.
+
+    The server is :func:`steerlab.server.serving.make_server`'s, as ``steerlab serve`` runs it
+    (``server_options`` go there); it is also ``app.state.server``, so a test can stop it the
+    way a signal would (``app.state.server.handle_exit(signal.SIGTERM, None)``).
+    """
+    from steerlab.server.serving import make_server
+
+    server_options.setdefault("graceful_s", 2)
+    server = make_server(app, host=host, port=port, log_level="warning", **server_options)
+    if hasattr(app, "state"):  # a FastAPI app (a warming-up wrapper has none)
+        app.state.server = server
+    thread = threading.Thread(target=server.run, name="steerlab-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -12,11 +12,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from helpers import random_vector
+from helpers import random_vector, serve_in_thread
 
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
 from steerlab.server.limits import MAX_BODY_BYTES
 from steerlab.store import VectorStore
 
@@ -50,16 +49,16 @@ def _requests(text: str, n: int) -> dict[str, dict]:
 
 def test_prompts_are_bounded_in_tokens_on_every_endpoint(api):
     emoji = "\U0001F600" * 1000  # 1,000 characters (well under 4,000) but ~4,000 byte-level tokens
-    assert api.app.state.budget.prompt_tokens(emoji, False) > 1000
+    assert api.app.state.studio.budget.prompt_tokens(emoji, False) > 1000
     for path, body in _requests(emoji, 4).items():
         r = api.client.post(path.split("#")[0], json=body)
         assert r.status_code == 400, (path, r.text)
         assert "tokens" in _error(r) and f"at most {MAX_PROMPT}" in _error(r), (path, r.text)
-    assert api.app.state.runner.stats().get("jobs", 0) == 0  # refused before the queue: nothing reached the worker
+    assert api.app.state.studio.runner.stats().get("jobs", 0) == 0  # refused before the queue: nothing reached the worker
 
 
 def test_prompt_plus_new_tokens_must_fit_the_models_context(api):
-    assert api.app.state.budget.context == 256
+    assert api.app.state.studio.budget.context == 256
     for path, body in _requests("the cat sat on the mat and purred in the warm sun", 250).items():
         r = api.client.post(path.split("#")[0], json=body)
         assert r.status_code == 400, (path, r.text)

@@ -242,7 +242,7 @@ def test_the_page_sends_the_api_key_from_its_field(driver, tiny_dir, tmp_path):
 
     from steerlab.models import load_model
     from steerlab.server import ServerSettings, create_app
-    from steerlab.server.background import serve_in_thread
+    from helpers import serve_in_thread
     from steerlab.store import VectorStore
 
     lm = load_model(str(tiny_dir), device="cpu")

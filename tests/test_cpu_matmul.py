@@ -70,9 +70,11 @@ def test_choice_off_for_other_dtypes_and_env_and_measured_once(tiny_lm, monkeypa
     monkeypatch.setenv("STEERLAB_CPU_MATMUL", "off")
     assert _choice(tiny_lm) == (False, False)
     monkeypatch.setenv("STEERLAB_CPU_MATMUL", "auto")
-    monkeypatch.setattr(tiny_lm, "decode_matmul", None)
+    from steerlab.cpu_matmul import _MEASURED
+
+    _MEASURED.pop(tiny_lm.model, None)
     first = _choice(tiny_lm)
-    assert tiny_lm.decode_matmul == first and _choice(tiny_lm) is tiny_lm.decode_matmul  # cached on the model
+    assert _MEASURED[tiny_lm.model] == first and _choice(tiny_lm) is _MEASURED[tiny_lm.model]  # measured once per model
     one, few = measure(torch.randn(256, 64))
     assert isinstance(one, bool) and isinstance(few, bool)
     tiny_lm.model.to(torch.bfloat16)

@@ -123,3 +123,28 @@ def test_help_keeps_the_quick_start_lines_and_takes_h():
     for cmd in ("build", "generate", "serve", "list"):
         r = CliRunner().invoke(main, [cmd, "-h"])
         assert r.exit_code == 0 and "-h, --help" in r.output
+
+
+def test_one_python_version_is_declared_and_checked():
+    """requires-python, ruff's target and mypy's python_version name the same minimum (3.11: tomllib)."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["requires-python"] == ">=3.11"
+    assert project["tool"]["ruff"]["target-version"] == "py311"
+    assert project["tool"]["mypy"]["python_version"] == "3.11"
+    assert sys.version_info >= (3, 11)
+
+
+def test_aliases_are_accepted_but_help_shows_one_spelling():
+    """Every command says --layer; --layers still parses. The sweep's --contrast is now --render."""
+    from click.testing import CliRunner
+
+    for cmd in ("generate", "compare", "build", "calibrate", "export", "inspect", "doctor", "similar", "sweep"):
+        text = CliRunner().invoke(main, [cmd, "-h"]).output
+        assert "--layer " in text and "--layers" not in text, cmd
+    sweep_help = CliRunner().invoke(main, ["sweep", "-h"]).output
+    assert "--render" in sweep_help and "--contrast" not in sweep_help
+    sweep = main.commands["sweep"]
+    ctx = sweep.make_context("sweep", ["x", "--layers", "2", "--contrast", "chat"])
+    assert ctx.params["layer_spec"] == "2" and ctx.params["render_spec"] == "chat"

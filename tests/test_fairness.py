@@ -19,7 +19,7 @@ import pytest
 
 from steerlab import GenerationOptions
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.server.runner import Delta, Done, Failed, GenJob, JobTimeout, Runner
 from steerlab.store import VectorStore
 
@@ -120,7 +120,7 @@ def server(slow_lm, tmp_path_factory):
     store = VectorStore(tmp_path_factory.mktemp("fair-vectors"), slow_lm)
     app = create_app(slow_lm, store, ServerSettings(batch_wait_s=0.0))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
-        yield SimpleNamespace(url=url, client=client, runner=app.state.runner)
+        yield SimpleNamespace(url=url, client=client, runner=app.state.studio.runner)
 
 
 def _wait_idle(runner: Runner, timeout: float = 30) -> float:

@@ -31,7 +31,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from steerlab.models import load_model  # noqa: E402
 from steerlab.server import ServerSettings, create_app  # noqa: E402
-from steerlab.server.background import serve_in_thread  # noqa: E402
+from helpers import serve_in_thread  # noqa: E402
 from steerlab.store import VectorStore  # noqa: E402
 
 MAX_EXAMPLES = int(os.environ.get("STEERLAB_FUZZ_EXAMPLES", "100"))

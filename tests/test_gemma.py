@@ -56,7 +56,7 @@ def test_a_persona_vector_on_gemma_carries_its_model_and_steers(gemma, gemma_cat
 
 def test_the_studio_serves_gemma(gemma, gemma_cats, tmp_path):
     from steerlab.server import create_app
-    from steerlab.server.background import serve_in_thread
+    from helpers import serve_in_thread
     from steerlab.store import VectorStore
 
     store = VectorStore(tmp_path, gemma)

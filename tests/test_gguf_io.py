@@ -13,7 +13,7 @@ from helpers import random_vector
 
 from steerlab import SteeringError, SteeringVector, VectorFileError
 from steerlab.gguf_io import export_gguf, import_gguf, read_gguf
-from steerlab.personas import load_vectors
+from steerlab.store import load_vectors
 
 
 def _fields(path):
@@ -50,7 +50,7 @@ def test_file_layout_keys_and_default_layers(vec, tmp_path):
     assert fields["controlvector.model_hint"] == "tiny-llama"
     assert fields["controlvector.layer_count"] == 2
     assert set(tensors) == {"direction.2", "direction.3"}  # the vector's default layers only
-    for name, (ttype, shape, _) in tensors.items():
+    for _name, (ttype, shape, _) in tensors.items():
         assert ttype == gguf.GGMLQuantizationType.F32 and shape == [64]
 
 
@@ -110,7 +110,7 @@ def test_foreign_file_with_model_measures_norms(tiny_lm, tmp_path):
     raw = {f"direction.{i}": np.full(64, 0.5, np.float32) for i in (1, 3)}  # |t| = 4
     v = import_gguf(_foreign(tmp_path / "f.gguf", raw), lm=tiny_lm)
     assert v.extra["norms_source"] == "measured" and v.model_id == "tiny-llama"
-    from steerlab.gguf_io import measure_norms
+    from steerlab.extract import measure_norms
 
     expect = measure_norms(tiny_lm, [1, 3])
     assert v.norms == pytest.approx(expect)

@@ -37,7 +37,7 @@ def test_patch_is_exact_at_layer_and_absent_before(tiny_lm):
     vec = random_vector(tiny_lm, [2])
     text = "toronto has a tall tower"
     before = _block_outputs(tiny_lm, text, [0, 1, 2, 3])
-    with vec.applied(tiny_lm, strength=1.5):
+    with steer(tiny_lm, [Steer(vec, strength=1.5)]):
         after = _block_outputs(tiny_lm, text, [0, 1, 2, 3])
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     delta = vec.directions[2] * 1.5 * vec.norms[2]
@@ -48,7 +48,7 @@ def test_patch_is_exact_at_layer_and_absent_before(tiny_lm):
 def test_removal_restores_logits_bit_for_bit(tiny_lm):
     ref = logits(tiny_lm, ["the cat sat", "money saved today is"])
     vec = random_vector(tiny_lm, [0, 1, 3])
-    with vec.applied(tiny_lm, strength=3.0):
+    with steer(tiny_lm, [Steer(vec, strength=3.0)]):
         steered = logits(tiny_lm, ["the cat sat", "money saved today is"])
     assert not torch.equal(ref, steered)
     assert torch.equal(ref, logits(tiny_lm, ["the cat sat", "money saved today is"]))
@@ -58,7 +58,7 @@ def test_hooks_removed_on_exception(tiny_lm):
     ref = logits(tiny_lm, ["the cat sat"])
     hooks_before = [dict(layer._forward_hooks) for layer in tiny_lm.layers]
     vec = random_vector(tiny_lm, [1])
-    with pytest.raises(RuntimeError, match="boom"), vec.applied(tiny_lm, strength=2.0):
+    with pytest.raises(RuntimeError, match="boom"), steer(tiny_lm, [Steer(vec, strength=2.0)]):
         assert len(tiny_lm.layers[1]._forward_hooks) == len(hooks_before[1]) + 1
         raise RuntimeError("boom")
     assert [dict(layer._forward_hooks) for layer in tiny_lm.layers] == hooks_before
@@ -95,7 +95,7 @@ def test_steering_applies_during_cached_decoding(tiny_lm):
     assert seen[0] > 1 and set(seen[1:]) == {1}, "expected prefill then one-token steps"
     # Same result without the cache: every step recomputes the whole (steered) sequence.
     enc = tiny_lm.tokenizer(tiny_lm.format_prompt("the cat"), return_tensors="pt", add_special_tokens=False)
-    with vec.applied(tiny_lm, strength=3.0), torch.no_grad():
+    with steer(tiny_lm, [Steer(vec, strength=3.0)]), torch.no_grad():
         out = tiny_lm.model.generate(**enc, max_new_tokens=12, do_sample=False, use_cache=False,
                                      eos_token_id=None, pad_token_id=tiny_lm.tokenizer.pad_token_id)
     uncached = tiny_lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -241,3 +241,15 @@ def test_errors_are_clear(tiny_lm):
     with pytest.raises(SteeringError, match="cannot steer with"):
         with steer(tiny_lm, ["weeknd"]):
             pass
+
+
+def test_stream_yields_each_rows_text_as_generate_returns_it(tiny_lm):
+    """``stream`` (the CLI's path when a person watches) is ``generate`` token by token, per row."""
+    from steerlab import stream
+
+    vec = random_vector(tiny_lm, [1])
+    prompts, rows = ["the cat sat", "money saved"], [[Steer(vec, strength=3.0)], []]
+    parts = {0: "", 1: ""}
+    for row, delta in stream(tiny_lm, prompts, rows, options=GREEDY):
+        parts[row] += delta
+    assert [parts[0].strip(), parts[1].strip()] == generate(tiny_lm, prompts, rows, options=GREEDY)

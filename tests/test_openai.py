@@ -12,7 +12,7 @@ from test_server import make_store
 
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.store import VectorStore
 
 openai = pytest.importorskip("openai", reason="pip install openai (in the test extra)")

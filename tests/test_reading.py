@@ -58,7 +58,7 @@ def test_batching_and_padding_do_not_change_readings(tiny_lm):
 def test_neutral_texts_read_mean_zero_sd_one(tiny_lm):
     reader = Reader(tiny_lm, [vector(), vector(seed=1, name="w", layers=(3,))], neutral=NEUTRAL)
     vals = {n: [v for r in reader.read(NEUTRAL) for v in r.values(n)] for n in ("v", "w")}
-    for n, xs in vals.items():
+    for _n, xs in vals.items():
         t = torch.tensor(xs, dtype=torch.float64)
         assert float(t.mean()) == pytest.approx(0.0, abs=1e-6)
         assert float(t.std()) == pytest.approx(1.0, abs=1e-6)

@@ -25,7 +25,7 @@ from helpers import free_port, random_vector, wait_healthy
 from steerlab import SteeringVector
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.store import VectorStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
         assert all(torch.allclose(d, torch.full((hidden,), d[0].item())) for d in vec.directions.values())
         assert k == 1.0 or vec.directions[0][0].item() == pytest.approx(k / hidden**0.5)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
-    from steerlab.personas import load_vectors
+    from steerlab.store import load_vectors
 
     warned: list[str] = []
     loaded = load_vectors(tmp_path, model_id="big", hidden_size=hidden, on_error=lambda p, e: warned.append(p.name))

@@ -13,11 +13,10 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from helpers import free_port, random_vector, wait_healthy
+from helpers import free_port, random_vector, serve_in_thread, wait_healthy
 
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
 from steerlab.store import VectorStore
 
 KEY = "s3cret-key-do-not-log"

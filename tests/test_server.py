@@ -20,7 +20,7 @@ from helpers import free_port, random_vector, wait_healthy
 
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.store import VectorStore
 
 NAMES = ["weeknd", "toronto", "tabby_cats"]
@@ -54,7 +54,7 @@ def server(tiny_model, tmp_path_factory):
     store = make_store(tiny_model, tmp_path_factory.mktemp("server-vectors"))
     app = create_app(tiny_model, store, ServerSettings(batch_wait_s=0.02))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
-        yield SimpleNamespace(url=url, app=app, store=store, client=client, runner=app.state.runner)
+        yield SimpleNamespace(url=url, app=app, store=store, client=client, runner=app.state.studio.runner)
 
 
 def events(client: httpx.Client, path: str, body: dict) -> list[tuple[str, dict]]:
@@ -288,7 +288,7 @@ def strict_server(tiny_model, tmp_path_factory):
     store = make_store(tiny_model, tmp_path_factory.mktemp("strict-vectors"))
     app = create_app(tiny_model, store, ServerSettings(max_queue=1, request_timeout_s=1.0))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
-        yield SimpleNamespace(client=client, runner=app.state.runner)
+        yield SimpleNamespace(client=client, runner=app.state.studio.runner)
 
 
 def test_full_queue_is_503_and_slow_requests_504(strict_server):
@@ -362,7 +362,7 @@ def test_build_a_persona_in_the_background(server):
             "negative": ["the man sat on the mat and talked", "a car in the warm sun"], "default_layers": [1],
             "default_strength": 3.0, "description": "cats"}
     gate, running = threading.Event(), threading.Event()  # the build waits: the server must stay responsive
-    server.app.state.build_worker.call(lambda: (running.set(), gate.wait(30)))
+    server.app.state.studio.build_worker.call(lambda: (running.set(), gate.wait(30)))
     assert running.wait(10)
     try:
         r = c.post("/vectors", json=body)

@@ -11,7 +11,7 @@ from test_server import events, greedy, make_store
 
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,10 +47,10 @@ def test_generate_and_compare_return_readings_that_tile_the_text(server):
 
 
 def test_no_read_means_no_reading(server):
-    before = server.app.state.runner.stats()
+    before = server.app.state.studio.runner.stats()
     r = server.client.post("/generate", json=greedy(steering="weeknd"))
     assert "read" not in r.json()
-    after = server.app.state.runner.stats()
+    after = server.app.state.studio.runner.stats()
     assert after.get("calls", 0) == before.get("calls", 0)  # no extra work on the worker
 
 

@@ -13,14 +13,12 @@ import time
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
 
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.server.serving import RepeatFilter, make_server
 from steerlab.store import VectorStore
 
-from helpers import SLOW_STEP_S as STEP_S  # noqa: E402
 
 
 
@@ -48,7 +46,7 @@ def test_sigterm_ends_in_flight_requests_with_the_documented_503(slow_lm, tmp_pa
         threads = [threading.Thread(target=f) for f in (plain, streamed)]
         for t in threads:
             t.start()
-        runner = app.state.runner
+        runner = app.state.studio.runner
         for _ in range(500):
             if runner.stats()["busy"]:
                 break

@@ -20,7 +20,7 @@ from steerlab import GenerationOptions, Steer
 from steerlab.cli import main
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.server.runner import Delta, Done, Failed, GenJob, Runner
 from steerlab.store import VectorStore
 

@@ -94,3 +94,12 @@ def test_invalid_construction():
         SteeringVector(directions={1: torch.ones(4)}, norms={}, model_id="m")
     with pytest.raises(SteeringError, match="default layers"):
         SteeringVector(directions={1: torch.ones(4)}, norms={1: 1.0}, model_id="m", default_layers=(2,))
+
+
+def test_vectors_compare_by_value_and_hash(tiny_lm):
+    """``==`` compares metadata and every direction exactly; equal vectors hash alike (usable in sets)."""
+    a = random_vector(tiny_lm, [1, 2])
+    same = SteeringVector.from_metadata({k: v.clone() for k, v in a.directions.items()}, a.metadata())
+    assert a == same and hash(a) == hash(same) and len({a, same}) == 1
+    assert a != a * 2.0 and a != a.with_defaults(strength=0.9) and a != "a vector"
+    assert (a * 1.0) == a

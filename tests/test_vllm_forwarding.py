@@ -19,7 +19,7 @@ from steerlab.generate import GenerationOptions
 from steerlab.spec import Resolved
 from steerlab.models import load_model
 from steerlab.server import ServerSettings, create_app
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.server.vllm_runner import VLLMRunner
 from steerlab.store import VectorStore
 

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from helpers import free_port, wait_healthy
 
-from steerlab.server.background import serve_in_thread
+from helpers import serve_in_thread
 from steerlab.server.warmup import WarmingUp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

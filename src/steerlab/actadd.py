@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -38,10 +38,13 @@ from .hooks import add_at_front, capture, run_until_captured
 from .layers import check_layers
 from .vectors import SteeringVector
 
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
 Reduce = Literal["mean", "last"]
 
 
-def encode_raw(lm, text: str, *, prepend_bos: bool | None = None) -> list[int]:  # noqa: ANN001
+def encode_raw(lm: LoadedModel, text: str, *, prepend_bos: bool | None = None) -> list[int]:
     """Token ids of ``text`` as ActAdd sees it: the tokenizer's own special tokens (None), or BOS forced on/off.
 
     The paper used TransformerLens, which puts GPT-2's BOS in front; the faithful equivalent
@@ -58,7 +61,7 @@ def encode_raw(lm, text: str, *, prepend_bos: bool | None = None) -> list[int]: 
     return [int(tok.bos_token_id)] + ids
 
 
-def pad_pair(lm, positive: str, negative: str, *,  # noqa: ANN001
+def pad_pair(lm: LoadedModel, positive: str, negative: str, *,
              prepend_bos: bool | None = None) -> tuple[list[int], list[int]]:
     """Both prompts' ids, the shorter right-padded with the space token (the paper's padding)."""
     if not positive.strip() or not negative.strip():
@@ -76,7 +79,7 @@ def pad_pair(lm, positive: str, negative: str, *,  # noqa: ANN001
 
 @torch.no_grad()
 def pair_residuals(
-    lm, positive: str, negative: str, *, layers: Sequence[int], prepend_bos: bool | None = None  # noqa: ANN001
+    lm: LoadedModel, positive: str, negative: str, *, layers: Sequence[int], prepend_bos: bool | None = None
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, the ``[n, hidden]`` block outputs of the padded positive and negative prompt."""
     layers = check_layers(list(layers), lm.n_layers)
@@ -87,7 +90,7 @@ def pair_residuals(
     return {layer: (store[layer][0].float().cpu(), store[layer][1].float().cpu()) for layer in layers}
 
 
-def actadd_delta(lm, positive: str, negative: str, *, layer: int, coefficient: float = 1.0,  # noqa: ANN001
+def actadd_delta(lm: LoadedModel, positive: str, negative: str, *, layer: int, coefficient: float = 1.0,
                  prepend_bos: bool | None = None) -> torch.Tensor:
     """The paper's steering tensor ``coefficient * (h+ - h-)``, ``[n, hidden]``, at ``layer``."""
     (layer,) = check_layers([layer], lm.n_layers)
@@ -96,7 +99,7 @@ def actadd_delta(lm, positive: str, negative: str, *, layer: int, coefficient: f
 
 
 @contextmanager
-def actadd(lm, positive: str, negative: str, *, layer: int, coefficient: float = 1.0,  # noqa: ANN001
+def actadd(lm: LoadedModel, positive: str, negative: str, *, layer: int, coefficient: float = 1.0,
            prepend_bos: bool | None = None) -> Iterator[torch.Tensor]:
     """Inside the block, the model is steered the ActAdd way (prompts must start with the same BOS).
 
@@ -109,7 +112,7 @@ def actadd(lm, positive: str, negative: str, *, layer: int, coefficient: float =
 
 @torch.no_grad()
 def actadd_generate(
-    lm,  # noqa: ANN001
+    lm: LoadedModel,
     prompt: str,
     positive: str | None = None,
     negative: str | None = None,
@@ -125,20 +128,16 @@ def actadd_generate(
     Raw text, not the chat template: ActAdd aligns the steering with the first tokens of the
     sequence, which under a chat template would be the template's own tokens.
     """
-    from .cpu_matmul import decode_matmuls
-    from .generate import _eos_ids
+    from .generate import GenerationOptions, generation_kwargs, run_generate
 
     ids = torch.tensor([encode_raw(lm, prompt, prepend_bos=prepend_bos)], device=lm.device)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                  repetition_penalty=repetition_penalty, pad_token_id=lm.tokenizer.pad_token_id,
-                  eos_token_id=_eos_ids(lm.tokenizer), attention_mask=torch.ones_like(ids))
+    opts = GenerationOptions(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)  # greedy
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), **generation_kwargs(lm, opts))
     if positive is None or negative is None:
-        with decode_matmuls(lm):
-            out = lm.model.generate(ids, **kwargs)
+        out = run_generate(lm, **kwargs)
     else:
-        with actadd(lm, positive, negative, layer=layer, coefficient=coefficient, prepend_bos=prepend_bos), \
-                decode_matmuls(lm):
-            out = lm.model.generate(ids, **kwargs)
+        with actadd(lm, positive, negative, layer=layer, coefficient=coefficient, prepend_bos=prepend_bos):
+            out = run_generate(lm, **kwargs)
     return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -147,13 +146,13 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
 
 
-def default_pair_layer(lm) -> int:  # noqa: ANN001
+def default_pair_layer(lm: LoadedModel) -> int:
     """Default injection layer for pair vectors: about 1/8 of the depth, as the paper's layer 6 of 48."""
     return max(1, round(lm.n_layers / 8))
 
 
 def build_pair_vector(
-    lm,  # noqa: ANN001
+    lm: LoadedModel,
     positive: str,
     negative: str,
     *,
@@ -171,12 +170,11 @@ def build_pair_vector(
     is the default one): the difference of the padded pair's residuals, either the ``mean`` over
     the positions where they differ (the attention-sink position 0 left out, as in extraction,
     unless it is the only one) or the ``last`` position. Residual norms are measured on the
-    neutral prompts (:func:`steerlab.gguf_io.measure_norms`). ``default_strength`` defaults to
+    neutral prompts (:func:`steerlab.extract.measure_norms`). ``default_strength`` defaults to
     0.5 residual norms: added at *every* position, the pair's own difference (several residual
     norms at early layers, recorded as ``extra["difference_strength"]``) breaks the text.
     """
-    from .extract import contrast_hash
-    from .gguf_io import measure_norms
+    from .extract import contrast_hash, measure_norms
 
     (layer,) = check_layers([layer], lm.n_layers)
     use = check_layers(list(layers), lm.n_layers) if layers is not None else list(range(lm.n_layers))

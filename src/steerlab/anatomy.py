@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import SteeringError
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def neighbour_cosines(vec: SteeringVector) -> dict[int, float | None]:
     return out
 
 
-def layer_profile(lm, vec: SteeringVector, positive: Sequence[str], negative: Sequence[str], *,  # noqa: ANN001
+def layer_profile(lm: LoadedModel, vec: SteeringVector, positive: Sequence[str], negative: Sequence[str], *,
                   layers: Sequence[int] | None = None, pooling: str | None = None, chat: bool | None = None,
                   folds: int = 2) -> list[LayerProfileRow]:
     """Held-out separation and neighbour cosine per layer of ``vec`` (default: all its layers).

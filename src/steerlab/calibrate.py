@@ -25,19 +25,24 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessorList
 
-from .cpu_matmul import decode_matmuls
+from .defaults import REPETITION_PENALTY
 from .errors import SteeringError
 from .evaluate import DEFAULT_REFERENCE, concept_component, fluency_component, neutral_prompts, repeated_ngram_rate
-from .generate import GenerationOptions, encode_prompts, generation_kwargs, governor_for
+from .generate import GenerationOptions, encode_prompts, generation_kwargs, governor_for, run_generate
 from .governor import Governor
 from .hooks import capture, steer
 from .spec import DEFAULT_OPERATOR, OPERATORS, Steer, resolve_rows, window_key
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .embed import Embedder
+    from .models import LoadedModel
 
 ONSET_C = 0.2  # mean concept component C that counts as "clearly there" (the base replies have 0)
 ONSET_Z = 0.5  # without an embedder: concept-reading gain, in neutral token spreads
@@ -94,12 +99,13 @@ class Window:
         r = lambda x: None if x is None else round(float(x), 5)  # noqa: E731
         return {
             "layers": list(self.layers), "onset": r(self.onset), "breakdown": r(self.breakdown),
-            "max_strength": r(self.max_strength), "width": r(self.width), "mapping": "strength = lo + dose x (max_strength - lo), lo = 0.5 min(onset, max_strength)",
+            "max_strength": r(self.max_strength), "width": r(self.width),
+            "mapping": "strength = lo + dose x (max_strength - lo), lo = 0.5 min(onset, max_strength)",
             "ladder": [r(x.strength) for x in self.rungs], "concept": [r(x.concept) for x in self.rungs],
             "reading": [r(x.reading) for x in self.rungs], "fluency": [r(x.fluency) for x in self.rungs],
             "concept_measure": self.concept_measure, "governor": self.governor, "prompts": len(self.base_replies),
             "new_tokens": NEW_TOKENS, "seconds": round(self.seconds, 1), "base_entropy": r(self.base_entropy),
-            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
 
@@ -117,7 +123,7 @@ def _crossing(xs: Sequence[float], ys: Sequence[float], level: float, *, rising:
 
 
 @torch.no_grad()
-def neutral_statistics(lm, vec: SteeringVector, prompts: Sequence[str], *, chat: bool | None = None
+def neutral_statistics(lm: LoadedModel, vec: SteeringVector, prompts: Sequence[str], *, chat: bool | None = None
                        ) -> tuple[dict[int, float], dict[int, float]]:
     """Per layer, mean and spread of neutral prompt tokens' projections on the unit direction."""
     enc = encode_prompts(lm, prompts, chat)
@@ -136,16 +142,16 @@ def neutral_statistics(lm, vec: SteeringVector, prompts: Sequence[str], *, chat:
 
 
 @torch.no_grad()
-def _replies(lm, prompts: list[str], rows: list[list[Steer]], opts: GenerationOptions  # noqa: ANN001
-             ) -> tuple[torch.Tensor, torch.Tensor, int, list[float]]:
+def _replies(lm: LoadedModel, prompts: list[str], rows: list[list[Steer]],
+             opts: GenerationOptions) -> tuple[torch.Tensor, torch.Tensor, int, list[float]]:
     """Greedy replies of every row in one batch: (ids incl. prompt, reply-token mask, prompt width,
     mean next-token entropy per row)."""
     enc = encode_prompts(lm, prompts, opts.chat)
     resolved = resolve_rows(rows, lm.n_layers)
     gov = governor_for(lm, resolved, len(prompts))
     watch = gov or Governor([False] * len(prompts), device=lm.device, dtype=lm.dtype)  # entropy only
-    with steer(lm, resolved, gain=gov.gain if gov else None), decode_matmuls(lm):
-        out = lm.model.generate(**enc, **generation_kwargs(lm, opts), logits_processor=LogitsProcessorList([watch]))
+    with steer(lm, resolved, gain=gov.gain if gov else None):
+        out = run_generate(lm, **enc, **generation_kwargs(lm, opts), logits_processor=LogitsProcessorList([watch]))
     width = enc["input_ids"].shape[1]
     new = out[:, width:]
     eos = torch.tensor(generation_kwargs(lm, opts)["eos_token_id"], device=out.device)
@@ -154,8 +160,9 @@ def _replies(lm, prompts: list[str], rows: list[list[Steer]], opts: GenerationOp
 
 
 @torch.no_grad()
-def _score(lm, vec: SteeringVector, layers: Sequence[int], ids: torch.Tensor, mask: torch.Tensor, width: int,
-           means: dict[int, float], sds: dict[int, float], batch_size: int = 16) -> tuple[list[float], list[float]]:
+def _score(lm: LoadedModel, vec: SteeringVector, layers: Sequence[int], ids: torch.Tensor, mask: torch.Tensor,
+           width: int, means: dict[int, float], sds: dict[int, float],
+           batch_size: int = 16) -> tuple[list[float], list[float]]:
     """Per row: perplexity of the reply under the unsteered model, and its concept reading."""
     ppl, reading = [], []
     for i in range(0, ids.shape[0], batch_size):
@@ -176,9 +183,9 @@ def _score(lm, vec: SteeringVector, layers: Sequence[int], ids: torch.Tensor, ma
     return ppl, reading
 
 
-def calibrate(lm, vec: SteeringVector, *, operator: str = "add", layers: Sequence[int] | None = None,  # noqa: ANN001
+def calibrate(lm: LoadedModel, vec: SteeringVector, *, operator: str = "add", layers: Sequence[int] | None = None,
               prompts: Sequence[str] | None = None, strengths: Sequence[float] | None = None,
-              repetition_penalty: float = 1.2, governor: bool = False, embedder=None,  # noqa: ANN001
+              repetition_penalty: float = REPETITION_PENALTY, governor: bool = False, embedder: Embedder | None = None,
               reference: float | None = None, statistics: tuple[dict, dict] | None = None,
               progress: Callable[[str], None] | None = None) -> Window:
     """Measure the dose window of ``vec`` under ``operator`` at ``layers`` (default: its active layers)."""
@@ -236,14 +243,15 @@ def with_window(vec: SteeringVector, window: Window, *, make_default: bool = Fal
     """The vector with ``window`` stored (and its operator made the default when asked)."""
     windows = dict(vec.extra.get("windows") or {})
     windows[window_key(window.operator, window.governor)] = window.record()
-    extra = {"windows": windows}
+    extra: dict[str, Any] = {"windows": windows}
     if make_default:
         extra["operator"] = window.operator
     return vec.with_defaults(**extra)
 
 
-def measure(lm, vec: SteeringVector, *, operators: Sequence[str] | None = None, layers: Sequence[int] | None = None,  # noqa: ANN001
-            governor: bool | None = None, embedder=None, reference: float | None = None,  # noqa: ANN001
+def measure(lm: LoadedModel, vec: SteeringVector, *, operators: Sequence[str] | None = None,
+            layers: Sequence[int] | None = None, governor: bool | None = None, embedder: Embedder | None = None,
+            reference: float | None = None,
             progress: Callable[[str], None] | None = None) -> tuple[SteeringVector, list[Window]]:
     """Calibrate ``vec`` for each operator (default: its own); store every window and the statistics."""
     ops = list(operators or [vec.extra.get("operator", DEFAULT_OPERATOR)])
@@ -266,7 +274,7 @@ def measure(lm, vec: SteeringVector, *, operators: Sequence[str] | None = None, 
     return vec, windows
 
 
-def default_embedder():  # noqa: ANN201
+def default_embedder() -> Embedder | None:
     """The bundled sentence embedder, or None (calibration then uses the concept reading)."""
     from .embed import load_embedder
     from .errors import ModelLoadError
@@ -277,8 +285,8 @@ def default_embedder():  # noqa: ANN201
         return None
 
 
-def calibrated(lm, vec: SteeringVector, *, operators: Sequence[str] | None = None,  # noqa: ANN001
-               layers: Sequence[int] | None = None, governor: bool | None = None, embedder=None,  # noqa: ANN001
+def calibrated(lm: LoadedModel, vec: SteeringVector, *, operators: Sequence[str] | None = None,
+               layers: Sequence[int] | None = None, governor: bool | None = None, embedder: Embedder | None = None,
                progress: Callable[[str], None] | None = None) -> tuple[SteeringVector, list[Window]]:
     """:func:`measure` with the bundled embedder and, for a persona, its positives as the concept reference."""
     from .evaluate import reference_similarity

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessor
@@ -29,6 +30,9 @@ from .hooks import watch
 from .reading import Baseline, Reader
 from .spec import Resolved, Steer, SteerLike, When, as_steer
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 def Condition(vector: SteeringVector, threshold: float = 3.0, stat: str = "peak") -> When:  # noqa: N802
@@ -45,6 +49,13 @@ class Conditional:
 
     def as_steer(self) -> Steer:
         return self.steer if self.condition is None else replace(self.steer, when=self.condition)
+
+
+def _when(res: Resolved) -> When:
+    """The condition of an entry known to have one (a gated or conditioned entry)."""
+    if res.steer.when is None:
+        raise SteeringError(f"{res.steer.vector.name} has no condition")
+    return res.steer.when
 
 
 def _vector(when: When) -> SteeringVector:
@@ -94,7 +105,8 @@ def decide(lm, prompts: Sequence[str], rows: Sequence[Sequence[Resolved]], *,  #
     if missing:
         raise SteeringError(f"the reader does not read the condition vectors {sorted(missing)}")
     base = {name: reader.baselines[k] for k, name in enumerate(reader.names)}
-    on_prompt = any(r.steer.when and r.steer.when.on == "prompt" and r.steer.when.value is None for row in rows for r in row)
+    on_prompt = any(r.steer.when and r.steer.when.on == "prompt" and r.steer.when.value is None
+                    for row in rows for r in row)
     readings = reader.read(list(prompts)) if on_prompt else []
     out: list[list[Resolved]] = []
     for i, row in enumerate(rows):
@@ -116,7 +128,7 @@ def decide(lm, prompts: Sequence[str], rows: Sequence[Sequence[Resolved]], *,  #
     return out, outcomes
 
 
-def conditional_rows(lm, prompts: Sequence[str], entries: Sequence[Conditional | SteerLike], *,  # noqa: ANN001
+def conditional_rows(lm: LoadedModel, prompts: Sequence[str], entries: Sequence[Conditional | SteerLike], *,
                      reader: Reader | None = None) -> tuple[list[list[Steer]], list[dict[str, float]]]:
     """Per-row steering for ``prompts`` (prompt conditions only) and each condition vector's readings.
 
@@ -179,8 +191,8 @@ class TextGate(LogitsProcessor):
         self.slots = [(r, j, res) for r, row in enumerate(rows) for j, res in enumerate(row) if res.gated]
         vecs: dict[int, tuple[SteeringVector, Baseline]] = {}
         for _, _, res in self.slots:
-            w = res.steer.when
-            if w.baseline is None:
+            w = _when(res)
+            if not isinstance(w.baseline, Baseline):
                 raise SteeringError(f"{res.steer.vector.name}: its text condition was not decided (decide() arms it)")
             vecs.setdefault(id(_vector(w)), (_vector(w), w.baseline))
         self.index = {key: k for k, key in enumerate(vecs)}
@@ -222,7 +234,7 @@ class TextGate(LogitsProcessor):
         self.peak = torch.where(alive, torch.maximum(self.peak, vals), self.peak)
         mean = self.sum / self.count.clamp_min(1)
         for s, (r, j, res) in enumerate(self.slots):
-            w = res.steer.when
+            w = _when(res)
             k = self.index[id(_vector(w))]
             value = float(mean[r, k] if w.stat == "mean" else self.peak[r, k])
             is_open = bool(self.count[r, 0] > 0) and value >= w.threshold and not bool(self.done[r])
@@ -237,7 +249,7 @@ class TextGate(LogitsProcessor):
         """Per row, one record per text condition: fired at all, from which reply token, on how many."""
         out: list[list[dict]] = [[] for _ in range(self.gate.shape[0])]
         for s, (r, _, res) in enumerate(self.slots):
-            out[r].append(_record(res, res.steer.when, fired=self.first[s] is not None,
+            out[r].append(_record(res, _when(res), fired=self.first[s] is not None,
                                   first_steered_token=self.first[s], steered_tokens=self.steered[s],
                                   tokens_read=int(self.count[r, 0])))
         return out

@@ -17,18 +17,26 @@ it. ``STEERLAB_CPU_MATMUL=off`` (or ``on``) skips the measurement.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import types
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
 SMALL_ROWS = 8  # decode steps of batches up to this size; more rows are compute-bound anyway
 _ENV = "STEERLAB_CPU_MATMUL"
+# per model (weights), measured on its first CPU generation: (1 row, 2-8 rows) faster as mm(W, x.T)
+_MEASURED: weakref.WeakKeyDictionary[nn.Module, tuple[bool, bool]] = weakref.WeakKeyDictionary()
 
 
 def _mm(x: torch.Tensor, weight: torch.Tensor, one_as_two: bool) -> torch.Tensor:
@@ -39,7 +47,7 @@ def _mm(x: torch.Tensor, weight: torch.Tensor, one_as_two: bool) -> torch.Tensor
     return torch.mm(weight, x.contiguous().t()).t().contiguous()
 
 
-def _timed_pair(a, b, reps: int = 5) -> tuple[float, float]:  # noqa: ANN001
+def _timed_pair(a: Callable[[], object], b: Callable[[], object], reps: int = 5) -> tuple[float, float]:
     """Best-of-``reps`` seconds of ``a`` and ``b``, alternating, so a busy moment hits both alike
     (timed one after the other, a neighbour's burst could flip the choice for the model's lifetime)."""
     best = [float("inf"), float("inf")]
@@ -56,25 +64,27 @@ def measure(weight: torch.Tensor) -> tuple[bool, bool]:
     x = {m: torch.randn(m, weight.shape[1], dtype=weight.dtype) for m in (1, 2, 4, 8)}
     with torch.no_grad():
         F.linear(x[2], weight), _mm(x[2], weight, True)  # warm-up
-        mm1, lin1 = _timed_pair(lambda: _mm(x[1], weight, True), lambda: F.linear(x[1], weight))
-        few = [_timed_pair(lambda m=m: _mm(x[m], weight, True), lambda m=m: F.linear(x[m], weight)) for m in (2, 4, 8)]
+        mm1, lin1 = _timed_pair(functools.partial(_mm, x[1], weight, True), functools.partial(F.linear, x[1], weight))
+        few = [_timed_pair(functools.partial(_mm, x[m], weight, True), functools.partial(F.linear, x[m], weight))
+               for m in (2, 4, 8)]
     return mm1 < 0.8 * lin1, sum(f[0] for f in few) < 0.8 * sum(f[1] for f in few)
 
 
-def _choice(lm) -> tuple[bool, bool]:  # noqa: ANN001
+def _choice(lm: LoadedModel) -> tuple[bool, bool]:
     """Whether to use ``mm(W, x.T)`` for 1 row and for 2-8 rows on this model (measured once)."""
     mode = os.environ.get(_ENV, "auto").strip().lower()
     if mode in ("off", "0", "false") or lm.device.type != "cpu" or lm.dtype != torch.float32:
         return False, False
     if mode in ("on", "1", "true"):
         return True, True
-    if lm.decode_matmul is None:
+    if lm.model not in _MEASURED:
         linears = [m for m in lm.model.modules() if type(m) is nn.Linear]
-        lm.decode_matmul = measure(max(linears, key=lambda m: m.weight.numel()).weight) if linears else (False, False)
-    return lm.decode_matmul
+        largest = max(linears, key=lambda m: m.weight.numel()).weight if linears else None
+        _MEASURED[lm.model] = measure(largest) if largest is not None else (False, False)
+    return _MEASURED[lm.model]
 
 
-def _forward(one: bool, few: bool):  # noqa: ANN202
+def _forward(one: bool, few: bool) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.dim() >= 2 else SMALL_ROWS + 1
         if rows > SMALL_ROWS or not (one if rows == 1 else few) or x.dtype != self.weight.dtype:
@@ -88,7 +98,7 @@ def _forward(one: bool, few: bool):  # noqa: ANN202
 
 
 @contextmanager
-def decode_matmuls(lm) -> Iterator[None]:  # noqa: ANN001
+def decode_matmuls(lm: LoadedModel) -> Iterator[None]:
     """Inside: small-row products of ``lm``'s plain ``nn.Linear`` layers run as ``mm(W, x.T)`` where faster."""
     one, few = _choice(lm)
     if not (one or few):
@@ -99,7 +109,7 @@ def decode_matmuls(lm) -> Iterator[None]:  # noqa: ANN001
     try:
         for m in lm.model.modules():
             if type(m) is nn.Linear and "forward" not in m.__dict__:  # subclasses (quantised) keep theirs
-                m.forward = types.MethodType(forward, m)
+                m.forward = types.MethodType(forward, m)  # type: ignore[method-assign]  # undone in finally
                 patched.append(m)
         yield
     finally:

@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import SteeringError
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+    from .personas import Persona
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z']*")
 _STOP = set("a an the and or but of to in on at for with by from as is are was were be been it its this that "
@@ -103,7 +108,7 @@ def bootstrap_cosines(pos: torch.Tensor, neg: torch.Tensor, *, samples: int = 10
 
 
 # ---- text confounds ------------------------------------------------------------------------------
-def _share(texts: Sequence[str], pred) -> float:  # noqa: ANN001
+def _share(texts: Sequence[str], pred: Callable[[str], object]) -> float:
     return sum(1 for t in texts if pred(t)) / max(len(texts), 1)
 
 
@@ -124,7 +129,7 @@ def text_confounds(positive: Sequence[str], negative: Sequence[str], *, pos_toke
     """Differences between the sides that are not the concept: (findings as sentences, facts)."""
     found: list[str] = []
     lp, ln = sum(pos_tokens) / len(pos_tokens), sum(neg_tokens) / len(neg_tokens)
-    facts = {"tokens_positive": round(lp, 1), "tokens_negative": round(ln, 1)}
+    facts: dict[str, Any] = {"tokens_positive": round(lp, 1), "tokens_negative": round(ln, 1)}
     rel = (lp - ln) / max(min(lp, ln), 1e-9)
     facts["length_difference"] = round(rel, 3)
     if abs(rel) >= 0.25:
@@ -141,27 +146,27 @@ def text_confounds(positive: Sequence[str], negative: Sequence[str], *, pos_toke
     concept = {w.lower() for c in concept_words for w in _WORD.findall(c)}
     first = lambda texts: Counter(w[0].lower() for t in texts if (w := _WORD.findall(t)))  # noqa: E731
     fp, fn = first(positive), first(negative)
-    for side, mine, other, texts, others in (("positives", fp, fn, positive, negative),
-                                             ("negatives", fn, fp, negative, positive)):
+    for where, mine, other, texts, others in (("positives", fp, fn, positive, negative),
+                                              ("negatives", fn, fp, negative, positive)):
         if mine:
             word, count = mine.most_common(1)[0]
             if word not in concept and count / len(texts) >= 0.5 and other.get(word, 0) / len(others) < 0.2:
-                found.append(f"{count / len(texts):.0%} of the {side} start with {word!r} (the other side "
+                found.append(f"{count / len(texts):.0%} of the {where} start with {word!r} (the other side "
                              f"{other.get(word, 0) / len(others):.0%}): vary the openings or match them")
     words = lambda texts: Counter(w for t in texts for w in {x.lower() for x in _WORD.findall(t)})  # noqa: E731
     wp, wn = words(positive), words(negative)
-    template = []
-    for side, mine, other, texts, others in (("positives", wp, wn, positive, negative),
-                                             ("negatives", wn, wp, negative, positive)):
+    template: list[tuple[str, str, float]] = []
+    for where, mine, other, texts, others in (("positives", wp, wn, positive, negative),
+                                              ("negatives", wn, wp, negative, positive)):
         for w, c in mine.most_common():
             if c / len(texts) < 0.5:
                 break
             if w in _STOP or w in concept or other.get(w, 0) / len(others) > 0.1:
                 continue
-            template.append((side, w, c / len(texts)))
+            template.append((where, w, c / len(texts)))
     facts["template_words"] = [[s, w, round(x, 3)] for s, w, x in template]
-    for side, w, share in template:
-        found.append(f"{share:.0%} of the {side} contain {w!r}, the other side almost never, and it is not a "
+    for where, w, share in template:
+        found.append(f"{share:.0%} of the {where} contain {w!r}, the other side almost never, and it is not a "
                      "concept keyword: a template token (add it to the keywords if it is the concept)")
     return found, facts
 
@@ -259,7 +264,7 @@ def diagnose(pos: dict[int, torch.Tensor], neg: dict[int, torch.Tensor], aucs: d
 
 
 # ---- with a model ---------------------------------------------------------------------------------
-def doctor(lm, positive: Sequence[str], negative: Sequence[str], *, layers: Sequence[int] | None = None,  # noqa: ANN001
+def doctor(lm: LoadedModel, positive: Sequence[str], negative: Sequence[str], *, layers: Sequence[int] | None = None,
            grade_layers: Sequence[int] | None = None, pooling: str = "mean", chat: bool = False,
            method: str = "mean_diff", concept_words: Sequence[str] = (), lines: Sequence[int | None] | None = None,
            name: str = "contrast set", batch_size: int = 16) -> Diagnosis:
@@ -276,7 +281,7 @@ def doctor(lm, positive: Sequence[str], negative: Sequence[str], *, layers: Sequ
     use = check_layers(list(layers) if layers is not None else list(range(lm.n_layers)), lm.n_layers)
     grade = check_layers(list(grade_layers), lm.n_layers) if grade_layers else [lm.n_layers // 2]
     use = sorted(set(use) | set(grade))
-    kw = dict(pooling=pooling, chat=chat, batch_size=batch_size, progress=False)
+    kw: dict[str, Any] = dict(pooling=pooling, chat=chat, batch_size=batch_size, progress=False)
     pos, _ = pooled_activations(lm, list(positive), use, **kw)
     neg, _ = pooled_activations(lm, list(negative), use, **kw)
     signal = layer_signal(lm, positive, negative, use, pooling=pooling, chat=chat, method=method,
@@ -287,7 +292,8 @@ def doctor(lm, positive: Sequence[str], negative: Sequence[str], *, layers: Sequ
                     concept_words=concept_words, lines=lines, name=name, n_layers=lm.n_layers)
 
 
-def doctor_persona(lm, persona, *, layers: Sequence[int] | None = None, batch_size: int = 16) -> Diagnosis:  # noqa: ANN001
+def doctor_persona(lm: LoadedModel, persona: Persona, *, layers: Sequence[int] | None = None,
+                   batch_size: int = 16) -> Diagnosis:
     """:func:`doctor` with a persona's texts, settings, default layers and file lines."""
     grade = [x for x in persona.default_layers if x < lm.n_layers] or [lm.n_layers // 2]
     return doctor(lm, persona.positive, persona.negative, layers=layers, grade_layers=grade,

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any
+
 import torch
 
 from .errors import ModelLoadError
@@ -39,7 +41,7 @@ class Embedder:
     """A sentence encoder: ``encode(texts)`` -> ``[N, D]`` unit vectors (fp32, CPU)."""
 
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     max_length: int = 256
     batch_size: int = 64
 

@@ -14,6 +14,8 @@ Prints nothing and knows nothing about the command line; formulas are documented
   ``F_rep = clip(1 - rep / REP_LIMIT, 0, 1)``;
 * fluency ``F = F_ppl * F_rep`` and combined score ``S = 2 C F / (C + F)`` (harmonic mean,
   AxBench-style), averaged over prompts.
+
+The whole sweep (settings, pick, files) is :mod:`steerlab.sweeps`; this module is its scores and grid.
 """
 
 from __future__ import annotations
@@ -22,12 +24,19 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import SteeringError
+from .extract import neutral_prompts  # re-exported: sweeps and calibration read it from here
 from .prompt_cache import PromptCache, generate_from_cache, perplexities
+
+if TYPE_CHECKING:
+    from .embed import Embedder
+    from .generate import GenerationOptions
+    from .models import LoadedModel
+    from .vectors import SteeringVector
 
 PPL_LIMIT = 50.0  # a text 50x as perplexing as the base output has fluency 0
 REP_LIMIT = 0.5  # half the 3-grams repeated: fluency 0
@@ -89,7 +98,7 @@ def _clip(x: float, lo: float = 0.0, hi: float = 1.0) -> float:
 
 
 # ---- model-based scores ----------------------------------------------------------------------
-def reference_similarity(embedder, texts: Sequence[str], description: str) -> float:
+def reference_similarity(embedder: Embedder, texts: Sequence[str], description: str) -> float:
     """Mean similarity of on-concept example texts (a persona's positives) to ``description``."""
     return float(sum(embedder.similarity(texts, description)) / len(texts)) if texts else DEFAULT_REFERENCE
 
@@ -105,7 +114,7 @@ class LayerSignal:
     accuracy: float  # share of held-out pairs whose positive projects above its own negative
 
 
-def layer_signal(lm, positive: Sequence[str], negative: Sequence[str], layers: Sequence[int], *,
+def layer_signal(lm: LoadedModel, positive: Sequence[str], negative: Sequence[str], layers: Sequence[int], *,
                  pooling: str = "mean", chat: bool = False, method: str = "mean_diff", folds: int = 2,
                  batch_size: int = 16) -> list[LayerSignal]:
     """Cross-validated separation along the direction, per layer (no generation).
@@ -121,7 +130,7 @@ def layer_signal(lm, positive: Sequence[str], negative: Sequence[str], layers: S
     if n < 2 * folds:
         raise SteeringError(f"the layer signal needs at least {2 * folds} contrast pairs, got {n}")
     _, fn = get_method(method)
-    kw = dict(pooling=pooling, chat=chat, batch_size=batch_size, progress=False)
+    kw: dict[str, Any] = dict(pooling=pooling, chat=chat, batch_size=batch_size, progress=False)
     pos, _ = pooled_activations(lm, list(positive[:n]), layers, **kw)
     neg, _ = pooled_activations(lm, list(negative[:n]), layers, **kw)
     idx = torch.arange(n)
@@ -133,7 +142,8 @@ def layer_signal(lm, positive: Sequence[str], negative: Sequence[str], layers: S
             d = fn(pos[layer][train], neg[layer][train]).float()
             d = d / d.norm().clamp_min(1e-12)
             p, q = pos[layer][test] @ d, neg[layer][test] @ d
-            aucs.append(float((p[:, None] > q[None, :]).float().mean() + 0.5 * (p[:, None] == q[None, :]).float().mean()))
+            above, ties = (p[:, None] > q[None, :]).float().mean(), (p[:, None] == q[None, :]).float().mean()
+            aucs.append(float(above + 0.5 * ties))
             sd = torch.sqrt((p.var() + q.var()) / 2).clamp_min(1e-12)
             effects.append(float((p.mean() - q.mean()) / sd))
             accs.append(float((p > q).float().mean()))
@@ -230,7 +240,7 @@ def _row(cell: Cell, setting: str, scored: list[Scored], base: SweepRow | None) 
     )
 
 
-def score_texts(lm, embedder, prompts: Sequence[str], texts: Sequence[str], *, description: str,
+def score_texts(lm: LoadedModel, embedder: Embedder, prompts: Sequence[str], texts: Sequence[str], *, description: str,
                 keywords: Sequence[str] = (), reference: float | None = None, base: Sequence[Scored] | None = None,
                 chat: bool | None = None, description_embedding: torch.Tensor | None = None,
                 cache: PromptCache | None = None) -> list[Scored]:
@@ -257,9 +267,10 @@ def score_texts(lm, embedder, prompts: Sequence[str], texts: Sequence[str], *, d
     return out
 
 
-def sweep(lm, vector, cells: Sequence[Cell], *, prompts: Sequence[str], embedder, description: str,
-          keywords: Sequence[str] = (), reference: float | None = None, options=None,
-          batch_size: int = 64, base: SweepRow | None = None, setting: str = "") -> Iterator[SweepRow]:
+def sweep(lm: LoadedModel, vector: SteeringVector, cells: Sequence[Cell], *, prompts: Sequence[str], embedder: Embedder,
+          description: str, keywords: Sequence[str] = (), reference: float | None = None,
+          options: GenerationOptions | None = None, batch_size: int = 64, base: SweepRow | None = None,
+          setting: str = "") -> Iterator[SweepRow]:
     """Generate and score every cell over ``prompts``; yield the base row, then one row per cell.
 
     Rows of one ``model.generate`` batch carry different cells (per-row steering), in
@@ -275,8 +286,9 @@ def sweep(lm, vector, cells: Sequence[Cell], *, prompts: Sequence[str], embedder
     if not prompts:
         raise SteeringError("a sweep needs at least one prompt")
     desc = embedder.encode([description])[0]
-    kw = dict(description=description, keywords=keywords, reference=reference, chat=opts.chat,
-              description_embedding=desc, cache=PromptCache(lm, prompts, chat=opts.chat))
+    cache = PromptCache(lm, prompts, chat=opts.chat)
+    kw: dict[str, Any] = dict(description=description, keywords=keywords, reference=reference, chat=opts.chat,
+                              description_embedding=desc, cache=cache)
     if base is None:
         texts: list[str] = []
         for i in range(0, len(prompts), batch_size):
@@ -294,7 +306,7 @@ def sweep(lm, vector, cells: Sequence[Cell], *, prompts: Sequence[str], embedder
                 and cells[c].strength else [] for c, _ in chunk]
         batch = [prompts[p] for _, p in chunk]
         if opts.positions == "generated" and opts.temperature == 0:  # reuse the cached prompt prefill
-            texts = generate_from_cache(lm, kw["cache"], batch, rows, options=opts)
+            texts = generate_from_cache(lm, cache, batch, rows, options=opts)
         else:
             texts = generate(lm, batch, rows, options=opts)
         for c in sorted({c for c, _ in chunk}):
@@ -329,15 +341,6 @@ def pick_best(rows: Sequence[SweepRow]) -> SweepRow:
 
 
 # ---- inputs and summaries ------------------------------------------------------------------------
-def neutral_prompts(n: int | None = None) -> list[str]:
-    """The first ``n`` shipped held-out prompts (varied topics, none about any persona)."""
-    text = resources.files("steerlab").joinpath("data", "neutral_prompts.txt").read_text(encoding="utf-8")
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    if n is not None and not 1 <= n <= len(prompts):
-        raise SteeringError(f"asked for {n} held-out prompts; steerlab ships {len(prompts)} (use 1..{len(prompts)})")
-    return prompts[:n] if n is not None else prompts
-
-
 def parse_layer_groups(spec: str, n_layers: int) -> list[tuple[int, ...]]:
     """Rows of a sweep from a layer spec; each row is a group of layers steered together.
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +28,9 @@ from .hooks import capture, run_until_captured
 from .layers import check_layers
 from .methods import Method, get_method
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 def parse_pooling(pooling: str) -> tuple[str, int]:
@@ -68,7 +73,7 @@ def pooling_weights(mask: torch.Tensor, pooling: str, skip: torch.Tensor | None 
     return w / w.sum(dim=1, keepdim=True)
 
 
-def _encode(lm, texts: Sequence[str], max_length: int, chat: bool) -> tuple[dict, torch.Tensor]:
+def _encode(lm: LoadedModel, texts: Sequence[str], max_length: int, chat: bool) -> tuple[dict, torch.Tensor]:
     """Tokenise a batch; return model inputs and the per-row count of leading tokens to skip."""
     tok = lm.tokenizer
     if chat:
@@ -86,7 +91,7 @@ def _encode(lm, texts: Sequence[str], max_length: int, chat: bool) -> tuple[dict
 
 @torch.no_grad()
 def pooled_activations(
-    lm,
+    lm: LoadedModel,
     texts: Sequence[str],
     layers: Sequence[int],
     *,
@@ -125,7 +130,7 @@ def pooled_activations(
         if on_progress is not None:
             on_progress(min(i + batch_size, len(texts)), len(texts))
     acts = {layer: torch.cat(chunks) for layer, chunks in pooled.items()}
-    return acts, {layer: (s, n) for layer, (s, n) in norm_sum.items()}
+    return acts, {layer: (s, int(n)) for layer, (s, n) in norm_sum.items()}
 
 
 def contrast_hash(positive: Sequence[str], negative: Sequence[str]) -> str:
@@ -135,7 +140,7 @@ def contrast_hash(positive: Sequence[str], negative: Sequence[str]) -> str:
 
 
 def build_vector(
-    lm,
+    lm: LoadedModel,
     positive: Sequence[str],
     negative: Sequence[str],
     *,
@@ -165,7 +170,8 @@ def build_vector(
         raise SteeringError("need at least one positive and one negative text")
     layers = check_layers(list(layers) if layers is not None else [lm.n_layers // 2], lm.n_layers)
     method_name, fn = get_method(method)
-    kw = dict(pooling=pooling, batch_size=batch_size, max_length=max_length, chat=chat, progress=progress)
+    kw: dict[str, Any] = dict(pooling=pooling, batch_size=batch_size, max_length=max_length, chat=chat,
+                              progress=progress)
     total = len(positive) + len(negative)
     pos_cb = neg_cb = None
     if on_progress is not None:
@@ -196,3 +202,22 @@ def build_vector(
         default_layers=tuple(check_layers(list(default_layers), lm.n_layers)) if default_layers else tuple(layers),
         default_strength=default_strength,
     )
+
+
+def neutral_prompts(n: int | None = None) -> list[str]:
+    """The first ``n`` shipped held-out prompts (varied topics, none about any persona)."""
+    text = resources.files("steerlab").joinpath("data", "neutral_prompts.txt").read_text(encoding="utf-8")
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if n is not None and not 1 <= n <= len(prompts):
+        raise SteeringError(f"asked for {n} held-out prompts; steerlab ships {len(prompts)} (use 1..{len(prompts)})")
+    return prompts[:n] if n is not None else prompts
+
+
+def measure_norms(lm: LoadedModel, layers: Sequence[int], texts: Sequence[str] | None = None) -> dict[int, float]:
+    """Typical residual norm per layer (mean per-token L2 norm, sink excluded) on ``texts``.
+
+    The same statistic :func:`build_vector` records, measured on the shipped neutral prompts by
+    default: for vectors that come without contrast texts (an imported GGUF file, an ActAdd pair).
+    """
+    _, stats = pooled_activations(lm, list(texts or neutral_prompts()), list(layers), progress=False)
+    return {layer: s / max(n, 1) for layer, (s, n) in stats.items()}

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -18,9 +19,13 @@ from transformers.generation.streamers import BaseStreamer
 
 from .conditional import TextGate, condition_vectors, decide, text_gate_for
 from .cpu_matmul import decode_matmuls
+from .defaults import REPETITION_PENALTY
 from .governor import Governor
 from .hooks import RowSteering, steer, steering_rows
 from .spec import Resolved, resolve_rows
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class GenerationOptions:
     chat: bool | None = None  # None: use the chat template when the model has one
     positions: str | int | None = None  # None: each entry's own (default "all"); see steerlab.spec
     norm_preserve: bool = False
-    repetition_penalty: float = 1.2  # small models loop under greedy decoding without it
+    repetition_penalty: float = REPETITION_PENALTY
     governor: bool | None = None  # None: each entry's own (a vector's default); see steerlab.governor
 
 
@@ -42,21 +47,46 @@ class _Cancel(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001, ANN204
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class TextDeltas:
+    """One row's text as it grows: the new part after each token, never half a character.
+
+    The one incremental detokeniser: :func:`stream`, the server's runner and the vLLM runner use it.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        self.sent = ""
+
+    def delta(self, ids: list[int]) -> str:
+        """The text added since the last call ('' while a multi-byte character is incomplete)."""
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def final(self, ids: list[int]) -> tuple[str, str]:
+        """(the tail not sent yet, the whole text) once the row is done."""
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        tail = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent = text
+        return tail, text
 
 
 class _RowStreamer(BaseStreamer):
     """Pushes ``(row, text_delta)`` for every row of a batch as tokens arrive."""
 
-    def __init__(self, tokenizer, rows: int, out: queue.Queue) -> None:  # noqa: ANN001
-        self.tok = tokenizer
+    def __init__(self, tokenizer: Any, rows: int, out: queue.Queue) -> None:
         self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.sent = [""] * rows
+        self.texts = [TextDeltas(tokenizer) for _ in range(rows)]
         self.out = out
         self.prompt_seen = False
         self.done = [False] * rows
-        self.eos = set(_eos_ids(tokenizer))
+        self.eos = set(eos_ids(tokenizer))
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call carries the prompt
@@ -69,18 +99,15 @@ class _RowStreamer(BaseStreamer):
                 self.done[r] = True
                 continue
             self.ids[r].append(t)
-            text = self.tok.decode(self.ids[r], skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more
-                continue
-            delta, self.sent[r] = text[len(self.sent[r]) :], text
-            if delta:
+            if delta := self.texts[r].delta(self.ids[r]):
                 self.out.put((r, delta))
 
     def end(self) -> None:
         pass
 
 
-def _eos_ids(tok) -> list[int]:  # noqa: ANN001
+def eos_ids(tok: Any) -> list[int]:
+    """Token ids that end a reply: the tokenizer's EOS and the chat templates' end-of-turn tokens."""
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     for special in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
         tid = tok.convert_tokens_to_ids(special)
@@ -89,7 +116,7 @@ def _eos_ids(tok) -> list[int]:  # noqa: ANN001
     return sorted(ids)
 
 
-def governor_for(lm, resolved: Sequence[Sequence[Resolved]], n_rows: int) -> Governor | None:  # noqa: ANN001
+def governor_for(lm: LoadedModel, resolved: Sequence[Sequence[Resolved]], n_rows: int) -> Governor | None:
     """A governor for the rows whose entries ask for one (None when no row does)."""
     rows = resolved if len(resolved) == n_rows else [resolved[0]] * n_rows
     governed = [any(r.governor for r in row) for row in rows]
@@ -101,7 +128,7 @@ def governor_for(lm, resolved: Sequence[Sequence[Resolved]], n_rows: int) -> Gov
 
 
 @contextmanager
-def steering_session(lm, resolved: Sequence[Sequence[Resolved]], n_rows: int, kwargs: dict,  # noqa: ANN001
+def steering_session(lm: LoadedModel, resolved: Sequence[Sequence[Resolved]], n_rows: int, kwargs: dict,
                      report: dict | None = None, resume: bool = False
                      ) -> Iterator[tuple[Governor | None, TextGate | None]]:
     """Steering hooks for one ``model.generate`` call, with the governor and text conditions it needs.
@@ -113,25 +140,25 @@ def steering_session(lm, resolved: Sequence[Sequence[Resolved]], n_rows: int, kw
     """
     gov = governor_for(lm, resolved, n_rows)
     gate = (report or {}).get("gate") if resume else None
-    gate = gate or text_gate_for(lm, resolved, n_rows, _eos_ids(lm.tokenizer))
+    gate = gate or text_gate_for(lm, resolved, n_rows, eos_ids(lm.tokenizer))
     procs = [p for p in (gov, gate) if p is not None]
     if procs:
         kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), *procs])
     if report is not None:
         report.update({k: v for k, v in (("live", gov), ("gate", gate)) if v is not None})
     with gate.watching() if gate is not None else nullcontext(), \
-            steer(lm, resolved, gain=gov.gain if gov else None, gate=gate.gate if gate else None), decode_matmuls(lm):
-        yield gov, gate
+            steer(lm, resolved, gain=gov.gain if gov else None, gate=gate.gate if gate else None):
+        yield gov, gate  # the caller generates through run_generate (the CPU matmul context)
 
 
-def generation_kwargs(lm, opts: GenerationOptions) -> dict:  # noqa: ANN001
+def generation_kwargs(lm: LoadedModel, opts: GenerationOptions) -> dict:
     """``model.generate`` settings for ``opts`` (sampling, eos ids, repetition penalty)."""
     sample = opts.temperature > 0
     kwargs = dict(
         max_new_tokens=opts.max_new_tokens,
         do_sample=sample,
         pad_token_id=lm.tokenizer.pad_token_id,
-        eos_token_id=_eos_ids(lm.tokenizer),
+        eos_token_id=eos_ids(lm.tokenizer),
         repetition_penalty=opts.repetition_penalty,
     )
     if sample:
@@ -141,7 +168,15 @@ def generation_kwargs(lm, opts: GenerationOptions) -> dict:  # noqa: ANN001
     return kwargs
 
 
-def encode_prompts(lm, prompts: Sequence[str], chat: bool | None) -> dict[str, torch.Tensor]:
+def run_generate(lm: LoadedModel, **kwargs: Any) -> Any:
+    """The one call of ``model.generate`` (every generation path comes here): inside the CPU
+    decode-matmul context, which is measured once per model (:mod:`steerlab.cpu_matmul`).
+    Steering contexts wrap this call; ``kwargs`` are ``model.generate``'s (see :func:`generation_kwargs`)."""
+    with decode_matmuls(lm):
+        return lm.model.generate(**kwargs)  # type: ignore[operator]  # PreTrainedModel's stub lacks GenerationMixin
+
+
+def encode_prompts(lm: LoadedModel, prompts: Sequence[str], chat: bool | None) -> dict[str, torch.Tensor]:
     """Format (chat template or raw) and left-pad a batch of prompts."""
     use_chat = lm.has_chat_template if chat is None else chat
     texts = [lm.format_prompt(p, chat=use_chat) for p in prompts]
@@ -152,7 +187,7 @@ def encode_prompts(lm, prompts: Sequence[str], chat: bool | None) -> dict[str, t
 
 @torch.no_grad()
 def generate(
-    lm,
+    lm: LoadedModel,
     prompts: str | Sequence[str],
     steering: Sequence[RowSteering] | RowSteering | None = None,
     *,
@@ -186,7 +221,7 @@ def generate(
         resolved, outcomes = decide(lm, prompts, resolved if len(resolved) == len(prompts) else resolved * len(prompts))
     live: dict = report if report is not None else {}
     with steering_session(lm, resolved, len(prompts), kwargs, live) as (gov, gate):
-        out = lm.model.generate(**enc, streamer=streamer, **kwargs)
+        out = run_generate(lm, **enc, streamer=streamer, **kwargs)
     if report is not None:
         report["steering"] = [[r.describe() for r in row] for row in resolved]
         if gate is not None:
@@ -200,7 +235,7 @@ def generate(
 
 
 def compare(
-    lm,
+    lm: LoadedModel,
     prompt: str,
     steering: RowSteering,
     *,
@@ -212,7 +247,7 @@ def compare(
 
 
 def stream(
-    lm,
+    lm: LoadedModel,
     prompts: Sequence[str],
     steering: Sequence[RowSteering] | RowSteering | None = None,
     *,

@@ -28,13 +28,16 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from .errors import SteeringError, VectorFileError
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 ARCH = "controlvector"
 META_KEY = "steerlab.metadata"
@@ -99,7 +102,7 @@ def export_gguf(
 
 
 # ---- reading -------------------------------------------------------------------------------
-def _field_str(reader, key: str) -> str | None:  # noqa: ANN001
+def _field_str(reader: Any, key: str) -> str | None:
     field = reader.get_field(key)
     if field is None or not field.parts:
         return None
@@ -162,30 +165,10 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[int, np.ndarray], dict[str,
 
 
 # ---- import --------------------------------------------------------------------------------
-def neutral_texts() -> list[str]:
-    """The packaged neutral prompts used to measure residual norms of imported vectors."""
-    from importlib import resources
-
-    text = resources.files("steerlab").joinpath("data", "neutral_prompts.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def measure_norms(lm, layers: Sequence[int], texts: Sequence[str] | None = None) -> dict[int, float]:  # noqa: ANN001
-    """Typical residual norm per layer (mean per-token L2 norm, sink excluded) on ``texts``.
-
-    The same statistic :func:`steerlab.extract.build_vector` records, measured on the neutral
-    prompts by default because an imported file comes without its contrast texts.
-    """
-    from .extract import pooled_activations
-
-    _, stats = pooled_activations(lm, list(texts or neutral_texts()), list(layers), progress=False)
-    return {layer: s / max(n, 1) for layer, (s, n) in stats.items()}
-
-
 def import_gguf(
     path: str | os.PathLike,
     *,
-    lm=None,  # noqa: ANN001
+    lm: LoadedModel | None = None,
     name: str | None = None,
     norms: NormsSource = "auto",
     model_id: str | None = None,
@@ -242,6 +225,10 @@ def import_gguf(
     directions = {layer: torch.from_numpy(d / file_norms[layer]) for layer, d in kept.items()}
     source = "measured" if (norms == "measure" or (norms == "auto" and lm is not None)) else "file"
     if source == "measured":
+        if lm is None:
+            raise VectorFileError(f"{path}: norms='measure' needs the model (pass lm=)")
+        from .extract import measure_norms
+
         measured = measure_norms(lm, sorted(kept))
         residual = {layer: measured[layer] for layer in kept}
         strength = float(np.mean([file_norms[layer] / residual[layer] for layer in kept]))
@@ -275,7 +262,7 @@ def _from_steerlab(path: Path, raw: dict[int, np.ndarray], meta: dict) -> Steeri
         strength, scale = meta.get("exported_strength"), meta.get("exported_scale")
         directions = {}
         for layer, d in raw.items():
-            factor = float(scale) if scale is not None else float(strength) * norms[layer]
+            factor = float(scale) if scale is not None else float(strength or 0.0) * norms[layer]
             if factor == 0:
                 raise ValueError("exported at strength 0: the directions cannot be recovered")
             directions[layer] = torch.from_numpy(d / factor)

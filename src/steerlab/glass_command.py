@@ -8,13 +8,24 @@ instead (``token[+2.4]``) so piped output keeps the information.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from .options import load_lm, model_options, open_store, vectors_option
+from .options import AliasedOption, load_lm, model_options, open_store, vectors_option
+
+if TYPE_CHECKING:
+    from .anatomy import LayerProfileRow
+    from .doctor import Diagnosis
+    from .lens import LensRow
+    from .models import LoadedModel
+    from .reading import TextReading
+    from .vectors import SteeringVector
 
 # (upper bound, 256-colour background, legend label): readings in neutral standard deviations
 BUCKETS = ((-2.0, 25, "< -2"), (-1.0, 117, "-2..-1"), (1.0, None, "-1..1"), (2.0, 229, "1..2"),
@@ -28,7 +39,7 @@ def _bucket(value: float) -> tuple[int | None, str]:
     return BUCKETS[-1][1], BUCKETS[-1][2]
 
 
-def paint(reading, name: str, *, color: bool, mark: float = 1.0) -> str:  # noqa: ANN001
+def paint(reading: TextReading, name: str, *, color: bool, mark: float = 1.0) -> str:
     """The text with each token coloured by its reading (or annotated, without colour)."""
     out = []
     for t in reading.tokens:
@@ -48,7 +59,7 @@ def legend(*, color: bool) -> str:
     return "legend (neutral standard deviations, 0 = typical): " + "".join(keys)
 
 
-def _lens_lines(rows) -> list[str]:  # noqa: ANN001
+def _lens_lines(rows: Sequence[LensRow]) -> list[str]:
     out = []
     for r in rows:
         plus = " ".join(t for t, _ in r.promoted)
@@ -58,7 +69,7 @@ def _lens_lines(rows) -> list[str]:  # noqa: ANN001
     return out
 
 
-def _layers(spec: str | None, lm):  # noqa: ANN001, ANN202
+def _layers(spec: str | None, lm: LoadedModel) -> list[int] | None:
     from .layers import parse_layers
 
     return parse_layers(spec, lm.n_layers) if spec else None
@@ -68,7 +79,7 @@ def _layers(spec: str | None, lm):  # noqa: ANN001, ANN202
 @click.argument("text", required=False)
 @click.option("--vector", "-v", "names", multiple=True, required=True, metavar="NAME",
               help="Vector whose concept to read (repeatable).")
-@click.option("--layer", "layer_spec", default=None,
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption, default=None,
               help="Read at these layers instead of the vector's default layers: 12, 10,12,14 or 8:16:2.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of coloured text.")
 @click.option("--lens/--no-lens", default=True, show_default=True,
@@ -81,8 +92,9 @@ def _layers(spec: str | None, lm):  # noqa: ANN001, ANN202
 @click.option("--color/--no-color", default=None, help="Colour the tokens (default: when printing to a terminal).")
 @vectors_option
 @model_options
-def inspect_cmd(text, names, layer_spec, as_json, lens, top, profile, plot_path, color, vectors_dir,
-                model_id, device, dtype) -> None:  # noqa: ANN001
+def inspect_cmd(text: str, names: tuple[str, ...], layer_spec: str | None, as_json: bool, lens: bool, top: int,
+                profile: bool, plot_path: Path | None, color: bool | None, vectors_dir: Path | None,
+                model_id: str | None, device: str, dtype: str) -> None:
     """Read TEXT token by token: how strongly the model carries each vector's concept.
 
     \b
@@ -145,7 +157,7 @@ def inspect_cmd(text, names, layer_spec, as_json, lens, top, profile, plot_path,
         click.echo(f"wrote {p}")
 
 
-def _profile(lm, vec, layers):  # noqa: ANN001, ANN202
+def _profile(lm: LoadedModel, vec: SteeringVector, layers: list[int] | None) -> list[LayerProfileRow]:
     from .anatomy import layer_profile
     from .errors import PersonaError
     from .personas import available_personas, get_persona
@@ -157,7 +169,7 @@ def _profile(lm, vec, layers):  # noqa: ANN001, ANN202
     return layer_profile(lm, vec, persona.positive, persona.negative, layers=layers)
 
 
-def _profile_plot(vecs, profiles, path: Path) -> Path:  # noqa: ANN001
+def _profile_plot(vecs: list[SteeringVector], profiles: dict[str, list[LayerProfileRow]], path: Path) -> Path:
     from .glass_plots import layer_profile_plot
 
     if len(vecs) == 1:
@@ -172,13 +184,15 @@ def _profile_plot(vecs, profiles, path: Path) -> Path:  # noqa: ANN001
 
 @click.command("doctor")
 @click.argument("personas", nargs=-1, required=True)
-@click.option("--layer", "layer_spec", default=None, help="Layers to examine (default: all).")
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption,
+              default=None, help="Layers to examine (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per persona (one per line).")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write <name>_doctor.png (AUC, consistency, neighbour cosine per layer) to this folder.")
 @click.option("--all-layers", is_flag=True, help="Print the table for every layer, not only a summary.")
 @model_options
-def doctor_cmd(personas, layer_spec, as_json, plot_dir, all_layers, model_id, device, dtype) -> None:  # noqa: ANN001
+def doctor_cmd(personas: tuple[str, ...], layer_spec: str | None, as_json: bool, plot_dir: Path | None,
+               all_layers: bool, model_id: str | None, device: str, dtype: str) -> None:
     """Grade contrast sets (persona names or .toml paths) before generating anything.
 
     \b
@@ -205,7 +219,7 @@ def doctor_cmd(personas, layer_spec, as_json, plot_dir, all_layers, model_id, de
         _print_diagnosis(diag, all_layers=all_layers)
 
 
-def _doctor_plot(diag, path: Path) -> Path:  # noqa: ANN001
+def _doctor_plot(diag: Diagnosis, path: Path) -> Path:
     from .anatomy import LayerProfileRow
     from .glass_plots import layer_profile_plot
 
@@ -214,9 +228,10 @@ def _doctor_plot(diag, path: Path) -> Path:  # noqa: ANN001
                               consistency={h.layer: h.consistency for h in diag.layers})
 
 
-def _print_diagnosis(diag, *, all_layers: bool) -> None:  # noqa: ANN001
+def _print_diagnosis(diag: Diagnosis, *, all_layers: bool) -> None:
     f = diag.facts
-    click.echo(click.style(f"{diag.name}: grade {diag.grade}", bold=True) + f" ({diag.score:.0f}/100, {diag.n_pairs} pairs, "
+    click.echo(click.style(f"{diag.name}: grade {diag.grade}", bold=True)
+               + f" ({diag.score:.0f}/100, {diag.n_pairs} pairs, "
                f"graded at layers {','.join(map(str, diag.grade_layers))})")
     click.echo(f"  held-out AUC {f['auc']:.3f} | pair consistency {f['consistency']:.3f} | "
                f"bootstrap stability {f['stability']:.3f} | pairs against {len(diag.outliers)} | "
@@ -224,7 +239,8 @@ def _print_diagnosis(diag, *, all_layers: bool) -> None:  # noqa: ANN001
     click.echo(f"  tokens per text {f['tokens_positive']} vs {f['tokens_negative']}; questions "
                f"{f['questions_positive']:.0%} vs {f['questions_negative']:.0%}")
     shown = diag.layers if all_layers else [h for h in diag.layers if h.layer in diag.grade_layers]
-    click.echo("  layer   AUC   consistency  against  stability" + ("" if all_layers else "  (graded layers; --all-layers)"))
+    click.echo("  layer   AUC   consistency  against  stability"
+               + ("" if all_layers else "  (graded layers; --all-layers)"))
     for h in shown:
         click.echo(f"  {h.layer:>5}  {h.auc:.3f}     {h.consistency:.3f}     {h.against:>4}     {h.stability:.3f}")
     for o in diag.outliers:
@@ -239,13 +255,15 @@ def _print_diagnosis(diag, *, all_layers: bool) -> None:  # noqa: ANN001
 
 @click.command("similar")
 @click.argument("names", nargs=-1, required=True)
-@click.option("--layer", "layer_spec", default=None, help="Compare at these layers only (default: all shared).")
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption, default=None,
+              help="Compare at these layers only (default: all shared).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("similar.png"),
               show_default=True, help="Where to write the figure.")
 @click.option("--no-plot", is_flag=True, help="Do not write a figure.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @vectors_option
-def similar_cmd(names, layer_spec, plot_path, no_plot, as_json, vectors_dir) -> None:  # noqa: ANN001
+def similar_cmd(names: tuple[str, ...], layer_spec: str | None, plot_path: Path, no_plot: bool, as_json: bool,
+                vectors_dir: Path | None) -> None:
     """Cosine similarity of vectors NAMES per shared layer (no model needed).
 
       steerlab similar weeknd toronto tabby_cats
@@ -281,7 +299,7 @@ def similar_cmd(names, layer_spec, plot_path, no_plot, as_json, vectors_dir) -> 
         click.echo(f"wrote {out['plot']}")
 
 
-def print_details(vecs, *, top: int = 6) -> None:  # noqa: ANN001
+def print_details(vecs: dict[str, SteeringVector], *, top: int = 6) -> None:
     """``steerlab list --details``: the logit lens of each vector at its active layers."""
     import os
 

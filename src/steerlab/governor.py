@@ -85,7 +85,7 @@ class Governor(LogitsProcessor):
 
     def summary(self) -> list[dict]:
         """Per row: lowest gain, mean gain and how many steps ran below full steering."""
-        out = []
+        out: list[dict] = []
         for r, gs in enumerate(self.gains):
             if not bool(self.on[r]) or not gs:
                 out.append({})

@@ -20,25 +20,30 @@ item is the hidden state); both hooks accept either and return the same kind.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 import torch
+from torch import nn
 
 from .errors import SteeringError
 from .layers import check_layers
 from .spec import SINK_RATIO, Resolved, Steer, SteerLike, as_steer, check_positions, resolve, resolve_rows
 
-__all__ = ["Positions", "RowSteering", "Steer", "SteerLike", "add_at_front", "add_trainable", "as_steer", "build_deltas", "capture",
-           "run_until_captured", "steer", "steering_rows", "watch"]
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
+__all__ = ["Hook", "Positions", "RowSteering", "Steer", "SteerLike", "add_at_front", "add_trainable", "as_steer",
+           "build_deltas", "capture", "run_until_captured", "steer", "steering_rows", "watch"]
+
+Hook = Callable[..., Any]  # a forward hook; a block's output is a tensor or a tuple (hidden state first)
 Positions = Literal["all", "generated"]
-RowSteering = Sequence[SteerLike]
+RowSteering: TypeAlias = Sequence[SteerLike]
 
 
-def steering_rows(steering: RowSteering | Sequence[RowSteering] | None, n_rows: int | None = None) -> list[list]:
+def steering_rows(steering: RowSteering | Sequence[RowSteering] | None, n_rows: int | None = None) -> list[list[Any]]:
     """Normalise steering to one list per row. Per-row form: a list of *lists*.
 
     A flat list (vectors, ``Steer`` or ``(vector, strength)`` items) is one row that every
@@ -46,23 +51,23 @@ def steering_rows(steering: RowSteering | Sequence[RowSteering] | None, n_rows: 
     """
     if steering is None:
         return [[]]
-    steering = list(steering)
-    if steering and all(isinstance(r, list) for r in steering):
-        if n_rows is not None and len(steering) != n_rows:
-            raise SteeringError(f"{n_rows} prompts but steering for {len(steering)} rows")
-        return steering
-    return [steering]
+    items = list(steering)
+    if items and all(isinstance(r, list) for r in items):
+        if n_rows is not None and len(items) != n_rows:
+            raise SteeringError(f"{n_rows} prompts but steering for {len(items)} rows")
+        return cast("list[list[Any]]", items)
+    return [items]
 
 
-def _check_hidden(lm, resolved: Resolved) -> None:  # noqa: ANN001
+def _check_hidden(lm: LoadedModel, resolved: Resolved) -> None:
     vec = resolved.steer.vector
     if vec.hidden_size != lm.hidden_size:
         raise SteeringError(f"vector {vec.name} has hidden size {vec.hidden_size}, the model {lm.hidden_size}: "
                             f"it was built for {vec.model_id}")
 
 
-def build_deltas(lm, rows: Sequence[RowSteering], *, device: torch.device, dtype: torch.dtype,
-                 positions: str | int = "all") -> dict[int, torch.Tensor]:  # noqa: ANN001
+def build_deltas(lm: LoadedModel, rows: Sequence[RowSteering], *, device: torch.device, dtype: torch.dtype,
+                 positions: str | int = "all") -> dict[int, torch.Tensor]:
     """Per layer, a ``[rows, 1, hidden]`` tensor summing every row's steering (add operator only).
 
     For engines that can only add a fixed vector (vLLM): any other operator is refused with its reason.
@@ -111,7 +116,8 @@ class _Group:
                       f(self.on), self.slot)
 
 
-def _position_mask(positions: str | int, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+def _position_mask(positions: str | int, hidden: torch.Tensor,
+                   position_ids: torch.Tensor | None) -> torch.Tensor | None:
     """[rows or 1, T, 1] mask of the positions to steer (None: all of them)."""
     if positions == "all":
         return None
@@ -169,18 +175,18 @@ def _apply(g: _Group, h: torch.Tensor, gain: torch.Tensor | None, position_ids: 
 
 
 def _make_steer_hook(add: torch.Tensor | None, groups: list[_Group], gain: torch.Tensor | None,
-                     gate: torch.Tensor | None = None):  # noqa: ANN202
+                     gate: torch.Tensor | None = None) -> Hook:
     """A forward hook on one block: the summed plain adds, then each operator group in order."""
-    if not groups and gain is None:
+    if not groups and gain is None and add is not None:
         # Hot path (every block call of every decoding step): one add, nothing else.
-        def plain(module, args, output):  # noqa: ANN001, ANN202
+        def plain(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             if type(output) is tuple:
                 return (output[0] + _fit_rows(add, output[0]), *output[1:])
             return output + _fit_rows(add, output)
 
         return plain
 
-    def hook(module, args, kwargs, output):  # noqa: ANN001, ANN202
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
         if add is not None:
             hidden = hidden + _fit_rows(add if gain is None else add * gain, hidden)
@@ -193,7 +199,8 @@ def _make_steer_hook(add: torch.Tensor | None, groups: list[_Group], gain: torch
     return hook
 
 
-def plan(lm, rows: Sequence[Sequence[Resolved]]) -> tuple[dict[int, torch.Tensor], dict[int, list[_Group]]]:  # noqa: ANN001
+def plan(lm: LoadedModel,
+         rows: Sequence[Sequence[Resolved]]) -> tuple[dict[int, torch.Tensor], dict[int, list[_Group]]]:
     """Per layer: the summed plain adds (all positions) and the operator groups, on CPU in fp32."""
     n, hsz = len(rows), lm.hidden_size
     adds: dict[int, torch.Tensor] = {}
@@ -208,7 +215,8 @@ def plan(lm, rows: Sequence[Sequence[Resolved]]) -> tuple[dict[int, torch.Tensor
                 key = (t.layer, j, t.operator, str(t.positions), res.gated)
                 if key not in groups:
                     z = lambda k: torch.zeros(n, 1, k)  # noqa: E731
-                    groups[key] = _Group(t.operator, t.positions, z(hsz), z(1), z(1), z(1), z(1), j if res.gated else None)
+                    groups[key] = _Group(t.operator, t.positions, z(hsz), z(1), z(1), z(1), z(1),
+                                         j if res.gated else None)
                 g = groups[key]
                 g.u[r, 0] = t.direction
                 g.amount[r, 0], g.baseline[r, 0], g.norm[r, 0], g.on[r, 0] = t.amount, t.baseline, t.norm, 1.0
@@ -220,7 +228,7 @@ def plan(lm, rows: Sequence[Sequence[Resolved]]) -> tuple[dict[int, torch.Tensor
 
 @contextmanager
 def steer(
-    lm,
+    lm: LoadedModel,
     steering: RowSteering | Sequence[RowSteering],
     *,
     positions: str | int | None = None,
@@ -271,7 +279,7 @@ def _norm_preserving(res: Resolved, n_layers: int) -> Resolved:
 
 
 @contextmanager
-def add_at_front(lm, layer: int, delta: torch.Tensor) -> Iterator[None]:
+def add_at_front(lm: LoadedModel, layer: int, delta: torch.Tensor) -> Iterator[None]:
     """Add ``delta[p]`` (``delta`` is ``[n, hidden]``) to block ``layer``'s output at positions ``p < n``.
 
     ActAdd's injection (see :mod:`steerlab.actadd`): the front of the sequence only, so cached
@@ -285,7 +293,7 @@ def add_at_front(lm, layer: int, delta: torch.Tensor) -> Iterator[None]:
     d = delta.to(device=lm.device, dtype=lm.dtype)
     n = d.shape[0]
 
-    def hook(module, args, kwargs, output):  # noqa: ANN001, ANN202
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
         pos = kwargs.get("position_ids")
         if pos is None:
@@ -312,13 +320,13 @@ def add_at_front(lm, layer: int, delta: torch.Tensor) -> Iterator[None]:
 
 
 @contextmanager
-def add_trainable(lm, deltas: dict[int, torch.Tensor], sign: torch.Tensor) -> Iterator[None]:
+def add_trainable(lm: LoadedModel, deltas: dict[int, torch.Tensor], sign: torch.Tensor) -> Iterator[None]:
     """Add ``sign[row] * deltas[layer]`` to block outputs, keeping the autograd graph (for training
     a vector: :mod:`steerlab.optimize`). ``sign`` is a ``[rows]`` tensor of +1 / -1 / 0."""
     handles = []
 
-    def make(delta: torch.Tensor):  # noqa: ANN202
-        def hook(module, args, output):  # noqa: ANN001, ANN202
+    def make(delta: torch.Tensor) -> Hook:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             hidden = output[0] if isinstance(output, tuple) else output
             new = hidden + sign.to(hidden.dtype)[:, None, None] * delta.to(hidden.dtype)
             return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -335,7 +343,7 @@ def add_trainable(lm, deltas: dict[int, torch.Tensor], sign: torch.Tensor) -> It
 
 
 @contextmanager
-def watch(lm, dirs: dict[int, torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
+def watch(lm: LoadedModel, dirs: dict[int, torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
     """At every forward call, ``store[layer]`` = the last position's block output projected on
     ``dirs[layer]`` (``[K, hidden]``): a ``[rows, K]`` fp32 tensor on the model's device.
 
@@ -366,7 +374,7 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def capture(lm, layers: Sequence[int], *, stop_early: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+def capture(lm: LoadedModel, layers: Sequence[int], *, stop_early: bool = True) -> Iterator[dict[int, torch.Tensor]]:
     """Record the outputs of decoder blocks ``layers`` into the yielded dict.
 
     With ``stop_early`` the forward pass is cut after the deepest requested block: call the
@@ -377,8 +385,8 @@ def capture(lm, layers: Sequence[int], *, stop_early: bool = True) -> Iterator[d
     store: dict[int, torch.Tensor] = {}
     handles = []
 
-    def make(layer: int):  # noqa: ANN202
-        def hook(module, args, output):  # noqa: ANN001, ANN202
+    def make(layer: int) -> Hook:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             store[layer] = output[0] if isinstance(output, tuple) else output
             if stop_early and layer == deepest:
                 raise _StopForward
@@ -394,7 +402,7 @@ def capture(lm, layers: Sequence[int], *, stop_early: bool = True) -> Iterator[d
             h.remove()
 
 
-def run_until_captured(lm, **inputs: torch.Tensor) -> None:
+def run_until_captured(lm: LoadedModel, **inputs: torch.Tensor) -> None:
     """Run a forward pass that a :func:`capture` hook may stop early."""
     try:
         lm.model(**inputs, use_cache=False)

@@ -6,24 +6,32 @@ this module can be imported on its own; heavy imports happen inside the commands
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
 from pathlib import Path
 
 import click
 
-from .options import model_options, vectors_option
+from .options import AliasedOption, model_options, vectors_option
+
+if TYPE_CHECKING:
+    from .gguf_io import NormsSource
+    from .models import LoadedModel
+    from .store import VectorStore
+    from .vectors import SteeringVector
 
 
-def _open(model_id, device, dtype, vectors_dir):  # noqa: ANN001, ANN202
+def _open(model_id: str | None, device: str, dtype: str, vectors_dir: Path | None) -> tuple[LoadedModel, VectorStore]:
     from .options import load_lm, open_store
 
     lm = load_lm(model_id, device, dtype)
     return lm, open_store(lm, vectors_dir)
 
 
-def _load_vector(name: str, vectors_dir: Path | None):  # noqa: ANN202
+def _load_vector(name: str, vectors_dir: Path | None) -> SteeringVector:
     from .errors import VectorFileError
     from .paths import default_vectors_dir
-    from .personas import available_personas, check_name, vector_path
+    from .personas import available_personas, check_name
+    from .store import vector_path
     from .vectors import SteeringVector
 
     if name.endswith(".safetensors") or "/" in name:
@@ -36,7 +44,7 @@ def _load_vector(name: str, vectors_dir: Path | None):  # noqa: ANN202
     return SteeringVector.load(path)
 
 
-def _export_layers(spec: str | None, vec) -> list[int] | None:  # noqa: ANN001
+def _export_layers(spec: str | None, vec: SteeringVector) -> list[int] | None:
     from .layers import parse_layers
 
     if spec is None:
@@ -52,11 +60,11 @@ def _export_layers(spec: str | None, vec) -> list[int] | None:  # noqa: ANN001
 @click.option("--strength", default=None, type=float,
               help="Strength baked into the file (default 1.0, so that llama.cpp's --control-vector-scaled "
                    "SCALE equals steerlab strength).")
-@click.option("--layer", "layer_spec", default=None,
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption, default=None,
               help="Layers to write: 12, 10,12,14, 4:24:2 or all (every layer but 0). Default: the vector's "
                    "default layers.")
 @vectors_option
-def export_cmd(name, out, strength, layer_spec, vectors_dir) -> None:  # noqa: ANN001
+def export_cmd(name: str, out: Path, strength: float | None, layer_spec: str | None, vectors_dir: Path | None) -> None:
     """Write vector NAME (or a .safetensors path) as a llama.cpp control vector OUT.gguf.
 
     \b
@@ -87,14 +95,15 @@ def export_cmd(name, out, strength, layer_spec, vectors_dir) -> None:  # noqa: A
 @click.option("--force", is_flag=True, help="Overwrite a vector of the same name.")
 @vectors_option
 @model_options
-def import_cmd(file, name, norms, force, vectors_dir, model_id, device, dtype) -> None:  # noqa: ANN001
+def import_cmd(file: Path, name: str | None, norms: str, force: bool, vectors_dir: Path | None, model_id: str | None,
+               device: str, dtype: str) -> None:
     """Import a llama.cpp / repeng control vector FILE.gguf into the vectors folder."""
     from .gguf_io import import_gguf
     from .personas import check_name
 
     name = check_name(name or file.stem)
     lm, store = _open(model_id, device, dtype, vectors_dir)
-    vec = import_gguf(file, lm=lm, name=name, norms=norms)
+    vec = import_gguf(file, lm=lm, name=name, norms=cast("NormsSource", norms))
     store.add(vec, overwrite=force)
     src = vec.extra.get("norms_source", "steerlab metadata")
     click.echo(f"imported {file} as {name!r}: layers {','.join(map(str, vec.layers))}, residual norms from "
@@ -104,10 +113,12 @@ def import_cmd(file, name, norms, force, vectors_dir, model_id, device, dtype) -
 
 @click.command("compare-methods")
 @click.argument("persona")
-@click.option("--layer", "layer_spec", default="all", show_default=True, help="Layers: all, 12, 10,12,14 or 4:24:2.")
+@click.option("--layer", "--layers", "layer_spec", cls=AliasedOption,
+              default="all", show_default=True, help="Layers: all, 12, 10,12,14 or 4:24:2.")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2, 100), help="Cross-validation folds.")
 @model_options
-def compare_methods_cmd(persona, layer_spec, folds, model_id, device, dtype) -> None:  # noqa: ANN001
+def compare_methods_cmd(persona: str, layer_spec: str, folds: int, model_id: str | None, device: str,
+                        dtype: str) -> None:
     """Compare mean_diff / pca / probe directions of PERSONA per layer.
 
     Cosine similarity between the directions, and held-out accuracy of each as a linear
@@ -137,9 +148,10 @@ def _snip(text: str, width: int = 100) -> str:
     return textwrap.shorten(" ".join(text.split()), width=width, placeholder=" ...")
 
 
-def build_custom(*, personas, pair, contrast, positive, negative, name, out_dir, layer_spec,  # noqa: ANN001
-                 method, pooling, chat, batch_size, max_length, demo_prompt, force, model_id, device,
-                 dtype) -> None:
+def build_custom(*, personas: tuple[str, ...], pair: tuple[str, str] | None, contrast: Path | None,
+                 positive: Path | None, negative: Path | None, name: str | None, out_dir: Path | None, layer_spec: str,
+                 method: str | None, pooling: str | None, chat: bool | None, batch_size: int, max_length: int,
+                 demo_prompt: str, force: bool, model_id: str | None, device: str, dtype: str) -> None:
     """``steerlab build --pair/--contrast/--positive --negative``: one vector from a custom source."""
     from .contrast import load_contrast, load_text_pair
     from .extract import build_vector
@@ -158,7 +170,7 @@ def build_custom(*, personas, pair, contrast, positive, negative, name, out_dir,
     cs = None
     if contrast:
         cs = load_contrast(contrast)
-    elif positive:
+    elif positive and negative:
         cs = load_text_pair(positive, negative)
     from .models import load_model
     from .paths import default_vectors_dir
@@ -178,6 +190,8 @@ def build_custom(*, personas, pair, contrast, positive, negative, name, out_dir,
                                 layers=None if layer_spec == "all" else layers)
         what = f"pair {pair[0]!r} - {pair[1]!r}"
     else:
+        if cs is None:  # unreachable: exactly one source was checked above
+            raise click.UsageError("give --contrast FILE or --positive/--negative FILES")
         vec = build_vector(lm, cs.positive, cs.negative, layers=layers, method=method or "mean_diff",
                            pooling=pooling or "mean", chat=bool(chat), batch_size=batch_size, max_length=max_length,
                            name=name, description=f"from {cs.source}",

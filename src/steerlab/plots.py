@@ -7,16 +7,21 @@ nothing about how the rows were produced.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from collections.abc import Sequence
 from pathlib import Path
 
 from .evaluate import SweepRow
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 METRICS = (("score", "combined S"), ("concept", "concept C"), ("fluency", "fluency F"))
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 
-def _figure(w: float, h: float):  # noqa: ANN202
+def _figure(w: float, h: float) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(w, h), dpi=110, layout="constrained")
@@ -26,7 +31,7 @@ def _settings(rows: Sequence[SweepRow]) -> list[str]:
     return list(dict.fromkeys(r.setting for r in rows if not r.is_base))
 
 
-def _grid(rows: Sequence[SweepRow], setting: str):  # noqa: ANN202
+def _grid(rows: Sequence[SweepRow], setting: str) -> tuple[list[str], list[float], dict[tuple[str, float], SweepRow]]:
     steered = [r for r in rows if not r.is_base and r.setting == setting]
     labels = list(dict.fromkeys(r.label for r in steered))
     strengths = sorted({r.strength for r in steered})
@@ -34,7 +39,7 @@ def _grid(rows: Sequence[SweepRow], setting: str):  # noqa: ANN202
     return labels, strengths, cells
 
 
-def _draw_heatmap(ax, rows: Sequence[SweepRow], setting: str, metric: str, title: str,  # noqa: ANN001
+def _draw_heatmap(ax: Axes, rows: Sequence[SweepRow], setting: str, metric: str, title: str,
                   best: SweepRow | None, *, annotate: bool = True, colorbar: bool = True) -> None:
     import numpy as np
 
@@ -92,7 +97,7 @@ def _best_per_setting(rows: Sequence[SweepRow], best: SweepRow | None) -> dict[s
     return out
 
 
-def _draw_curves(ax, curve: list[SweepRow], best: SweepRow | None, title: str) -> None:  # noqa: ANN001
+def _draw_curves(ax: Axes, curve: list[SweepRow], best: SweepRow | None, title: str) -> None:
     xs = [r.strength for r in curve]
     ax.plot(xs, [r.concept for r in curve], "-o", color=_COLORS[1], label="concept C")
     ax.plot(xs, [r.fluency for r in curve], "-s", color=_COLORS[2], label="fluency F")
@@ -183,7 +188,7 @@ def summary_figure(rows: Sequence[SweepRow], best: SweepRow, path: str | Path, *
     return _save(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:  # noqa: ANN001
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -17,13 +17,19 @@ import copy
 import inspect
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import SteeringError
 
+if TYPE_CHECKING:
+    from torch import nn
+    from .generate import GenerationOptions
+    from .models import LoadedModel
 
-def _cache_arg(model) -> str:
+
+def _cache_arg(model: nn.Module) -> str:
     """Transformers renamed ``past_key_values`` to ``cache`` (5.x); use whichever forward takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -37,7 +43,7 @@ class PromptCache:
     """
 
     @torch.no_grad()
-    def __init__(self, lm, prompts: Sequence[str], *, chat: bool | None = None) -> None:
+    def __init__(self, lm: LoadedModel, prompts: Sequence[str], *, chat: bool | None = None) -> None:
         use_chat = lm.has_chat_template if chat is None else chat
         self.chat = use_chat
         self.index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
@@ -51,7 +57,8 @@ class PromptCache:
         self.kv = out["cache"] if "cache" in out else out.past_key_values
         self.first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each reply's 1st token
 
-    def rows(self, prompts: Sequence[str], *, drop_last: bool = False):  # noqa: ANN201
+    def rows(self, prompts: Sequence[str], *,
+             drop_last: bool = False) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cache copy, prompt mask, prompt lengths, first-token log-probs, ids) for a batch of rows.
 
         ``drop_last``: the cache without the prompts' last token (left padding puts every
@@ -66,32 +73,29 @@ class PromptCache:
 
 
 @torch.no_grad()
-def generate_from_cache(lm, cache: PromptCache, prompts: Sequence[str], steering: Sequence, *,
-                        options) -> list[str]:  # noqa: ANN001
+def generate_from_cache(lm: LoadedModel, cache: PromptCache, prompts: Sequence[str], steering: Sequence, *,
+                        options: GenerationOptions) -> list[str]:
     """:func:`steerlab.generate.generate` with ``positions="generated"``, greedy, reusing the prefill.
 
     With ``positions="generated"`` the prompt's tokens before the last one are never steered, so
     their keys and values are the cached unsteered ones: each row runs only its last prompt
     token (steered, as the hook steers it in a full prefill) and the new tokens.
     """
-    from .generate import _eos_ids
-    from .cpu_matmul import decode_matmuls
+    from .generate import generation_kwargs, run_generate
     from .hooks import steer
 
     if options.positions != "generated" or options.temperature > 0:
         raise SteeringError("generate_from_cache is for greedy generation with positions='generated'")
     kv, mask, _, _, ids = cache.rows(prompts, drop_last=True)
     tok = lm.tokenizer
-    with steer(lm, list(steering), positions="generated", norm_preserve=options.norm_preserve), decode_matmuls(lm):
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=options.max_new_tokens,
-                                do_sample=False, temperature=None, top_p=None, top_k=None,
-                                pad_token_id=tok.pad_token_id, eos_token_id=_eos_ids(tok),
-                                repetition_penalty=options.repetition_penalty, **{_cache_arg(lm.model): kv})
+    with steer(lm, list(steering), positions="generated", norm_preserve=options.norm_preserve):
+        out = run_generate(lm, input_ids=ids, attention_mask=mask, **generation_kwargs(lm, options),
+                           **{_cache_arg(lm.model): kv})
     return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]]
 
 
 @torch.no_grad()
-def perplexities(lm, prompts: Sequence[str], texts: Sequence[str], *, chat: bool | None = None,
+def perplexities(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str], *, chat: bool | None = None,
                  batch_size: int = 16, cache: PromptCache | None = None) -> list[float]:
     """Perplexity of each ``texts[i]`` as the reply to ``prompts[i]`` under ``lm`` as it is.
 
@@ -115,7 +119,7 @@ def perplexities(lm, prompts: Sequence[str], texts: Sequence[str], *, chat: bool
     return out
 
 
-def _full_logp(lm, prompts: list[str], t_ids: list[list[int]], use_chat: bool) -> torch.Tensor:
+def _full_logp(lm: LoadedModel, prompts: list[str], t_ids: list[list[int]], use_chat: bool) -> torch.Tensor:
     """Log-prob of each reply token ``[B, T]`` (left-aligned), prompt and reply in one pass."""
     tok = lm.tokenizer
     ids = [tok(lm.format_prompt(p, chat=use_chat), add_special_tokens=not use_chat)["input_ids"] + t
@@ -135,7 +139,7 @@ def _full_logp(lm, prompts: list[str], t_ids: list[list[int]], use_chat: bool) -
     return out
 
 
-def _cached_logp(lm, cache: PromptCache, prompts: list[str], t_ids: list[list[int]]) -> torch.Tensor:
+def _cached_logp(lm: LoadedModel, cache: PromptCache, prompts: list[str], t_ids: list[list[int]]) -> torch.Tensor:
     """As :func:`_full_logp`, running only the reply tokens on top of the cached prompts."""
     kv, p_mask, p_len, first, _ = cache.rows(prompts)
     width = max(len(t) for t in t_ids)

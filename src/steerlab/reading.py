@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +28,9 @@ from .errors import SteeringError
 from .hooks import capture, run_until_captured
 from .layers import check_layers
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 MAX_TOKENS = 2048  # per text read; longer texts are refused with a message
 
@@ -99,14 +103,14 @@ def reading_layers(vec: SteeringVector, layers: Sequence[int] | None = None) -> 
     return use
 
 
-def _sink_id(tok) -> int:  # noqa: ANN001
+def _sink_id(tok: Any) -> int:
     for ident in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
         if ident is not None:
             return int(ident)
     raise SteeringError("the tokenizer has no BOS, EOS or pad token to put in the attention-sink position")
 
 
-def _tokenize(lm, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def _tokenize(lm: LoadedModel, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``text`` (no special tokens) and char spans that tile the text exactly."""
     enc = lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
@@ -121,7 +125,8 @@ def _tokenize(lm, text: str) -> tuple[list[int], list[tuple[int, int]]]:
 
 
 @torch.no_grad()
-def projections(lm, texts: Sequence[str], dirs: dict[int, torch.Tensor], *, contexts: Sequence[str] | None = None,
+def projections(lm: LoadedModel, texts: Sequence[str], dirs: dict[int, torch.Tensor], *,
+                contexts: Sequence[str] | None = None,
                 batch_size: int = 16) -> list[tuple[list[tuple[int, int]], dict[int, torch.Tensor]]]:
     """Per text: its token spans and, per layer, the projections ``[T, K]`` on ``dirs[layer]`` ``[K, H]``.
 
@@ -176,7 +181,7 @@ class Reader:
     made; keep the reader to read many texts. Nothing is cached anywhere else.
     """
 
-    def __init__(self, lm, vectors: Sequence[SteeringVector], *, layers: Sequence[int] | None = None,  # noqa: ANN001
+    def __init__(self, lm: LoadedModel, vectors: Sequence[SteeringVector], *, layers: Sequence[int] | None = None,
                  neutral: Sequence[str] | None = None, batch_size: int = 16) -> None:
         if not vectors:
             raise SteeringError("give at least one vector to read")
@@ -219,7 +224,8 @@ class Reader:
             mu, sd = allp.mean(0), allp.std(0).clamp_min(1e-9)
             z = ((allp - mu) / sd).mean(1)
             result.append(Baseline(layers=use, mean=dict(zip(use, mu.tolist())), std=dict(zip(use, sd.tolist())),
-                                   z_mean=float(z.mean()), z_std=float(z.std().clamp_min(1e-9)), n_tokens=allp.shape[0]))
+                                   z_mean=float(z.mean()), z_std=float(z.std().clamp_min(1e-9)),
+                                   n_tokens=allp.shape[0]))
         return result
 
     def read(self, texts: str | Sequence[str], *, contexts: Sequence[str] | None = None) -> list[TextReading]:

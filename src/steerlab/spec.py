@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal, TypeAlias
 
 import torch
 
@@ -99,7 +99,8 @@ def parse_when(text: str) -> tuple[str, float | None]:
             raise ValueError
         return name.strip(), float(value) if sep else None
     except ValueError:
-        raise SteeringError(f"condition {text!r}: write NAME (with threshold=X) or NAME>=X, e.g. tabby_cats>=1.0") from None
+        raise SteeringError(f"condition {text!r}: write NAME (with threshold=X) or NAME>=X, "
+                            "e.g. tabby_cats>=1.0") from None
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class Steer:
     when: When | None = None
 
 
-SteerLike = "Steer | SteeringVector | tuple | Resolved"
+SteerLike: TypeAlias = "Steer | SteeringVector | tuple | Resolved"
 
 
 def as_steer(item: SteerLike) -> Steer:
@@ -168,14 +169,14 @@ class Resolved:
 
     def describe(self) -> dict:
         """JSON-able record of what was applied (responses, CLI)."""
-        d = {"vector": self.steer.vector.name, "operator": self.operator, "layers": list(self.layers),
+        d: dict[str, Any] = {"vector": self.steer.vector.name, "operator": self.operator, "layers": list(self.layers),
              "positions": self.positions, "governor": self.governor}
         if self.dose is not None:
             d["dose"] = self.dose
         if self.scale is not None:
             d["scale"] = self.scale
         else:
-            d["strength"] = round(float(self.strength), 6)
+            d["strength"] = round(_given(self.strength), 6)
         if self.note:
             d["note"] = self.note
         if self.steer.when is not None:
@@ -277,9 +278,10 @@ def resolve(item: SteerLike, n_layers: int, *, operator: str | None = None, posi
         return item
     st = as_steer(item)
     vec = st.vector
-    if st.when is not None and isinstance(st.when.vector, SteeringVector) and st.when.vector.hidden_size != vec.hidden_size:
+    cond = st.when.vector if st.when is not None else None
+    if isinstance(cond, SteeringVector) and st.when is not None and cond.hidden_size != vec.hidden_size:
         raise SteeringError(f"{vec.name}: condition vector {st.when.name} has hidden size "
-                            f"{st.when.vector.hidden_size}, not {vec.hidden_size}")
+                            f"{cond.hidden_size}, not {vec.hidden_size}")
     given = [k for k in ("dose", "strength", "scale") if getattr(st, k) is not None]
     if len(given) > 1:
         raise SteeringError(f"{vec.name}: give one of dose, strength or scale, not {' and '.join(given)}")
@@ -301,7 +303,8 @@ def resolve(item: SteerLike, n_layers: int, *, operator: str | None = None, posi
         dose = default_dose(vec)  # a measured vector's default is a dose
     if dose is not None:
         if not -DOSE_LIMIT <= dose <= DOSE_LIMIT:
-            raise SteeringError(f"dose {dose} is outside -{DOSE_LIMIT:g}..{DOSE_LIMIT:g} (1 = the strongest fluent setting)")
+            raise SteeringError(f"dose {dose} is outside -{DOSE_LIMIT:g}..{DOSE_LIMIT:g} "
+                                "(1 = the strongest fluent setting)")
         strength, note = dose_to_strength(vec, op, dose, layers, gov)
     elif strength is None and scale is None:
         strength = vec.default_strength
@@ -317,12 +320,19 @@ def _term(vec: SteeringVector, layer: int, op: str, strength: float | None, scal
     n = float(vec.norms[layer])
     base = float((vec.extra.get("baselines") or {}).get(str(layer), 0.0))
     if op in ("add", "add_norm"):
-        k = scale if scale is not None else float(strength) * n
+        k = scale if scale is not None else _given(strength) * n
         return Term(layer, op, u * k, 1.0, 0.0, n, pos)
     unit = u / u.norm().clamp_min(1e-12)
     if op == "rotate":
-        return Term(layer, op, unit, float(strength) * torch.pi / 2, 0.0, n, pos)
-    return Term(layer, op, unit, float(strength) * n, base, n, pos)
+        return Term(layer, op, unit, _given(strength) * torch.pi / 2, 0.0, n, pos)
+    return Term(layer, op, unit, _given(strength) * n, base, n, pos)
+
+
+def _given(strength: float | None) -> float:
+    """A strength the resolver has filled in (every path to a term sets one)."""
+    if strength is None:
+        raise SteeringError("internal: a steering term without a strength")
+    return float(strength)
 
 
 def push(r: Resolved) -> float | None:

@@ -21,7 +21,8 @@ STEER_HELP = ("Vector to apply (repeatable): NAME, NAME:dose=0.5, NAME:0.3 (a st
 
 _STEER_KEYS = {"dose": "dose", "strength": "strength", "s": "strength", "scale": "scale", "op": "operator",
                "operator": "operator", "positions": "positions", "governor": "governor", "if": "when",
-               "when": "when", "threshold": "when_threshold", "th": "when_threshold", "stat": "when_stat", "on": "when_on"}
+               "when": "when", "threshold": "when_threshold", "th": "when_threshold", "stat": "when_stat",
+               "on": "when_on"}
 _STEER_HELP = ("use NAME, NAME:STRENGTH or NAME:dose=0.5[:op=add|add_norm|target|cap|rotate][:governor=on|off]"
                "[:if=OTHER[:threshold=X][:stat=mean|peak][:on=prompt|text]]")
 
@@ -70,7 +71,8 @@ def steering_from_options(lm, store, kw: dict) -> list:  # noqa: ANN001
     layers = tuple(parse_layers(kw["layer_spec"], lm.n_layers)) if kw["layer_spec"] else None
     shared = {k: kw[k] for k in ("dose", "strength", "scale") if kw.get(k) is not None}
     if len(shared) > 1:
-        raise click.UsageError(f"give one of --dose, --strength or --scale, not {' and '.join('--' + k for k in shared)}")
+        given = " and ".join("--" + k for k in shared)
+        raise click.UsageError(f"give one of --dose, --strength or --scale, not {given}")
     out = []
     for spec in kw["steers"]:
         name, fields = parse_steer(spec)

@@ -1,5 +1,8 @@
 """A folder of vectors for one model: load, look up, build missing built-ins, save.
 
+:func:`load_vectors` reads a folder (``<name>.safetensors``, llama.cpp ``.gguf``); :class:`VectorStore`
+holds one for a model.
+
 Used by the CLI and held in the server's app state (there is no global instance). Bad files
 are skipped with a warning naming the file and the reason, never fatal: besides unreadable
 files, a vector whose numbers are not finite or whose layers the model lacks is refused here,
@@ -14,10 +17,14 @@ import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import PersonaError, VectorFileError
-from .personas import available_personas, build_persona, builtin_names, get_persona, load_vectors, vector_path
+from .personas import available_personas, build_persona, builtin_names, check_name, get_persona
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from .models import ModelInfo
 
 log = logging.getLogger("steerlab")
 
@@ -25,7 +32,7 @@ log = logging.getLogger("steerlab")
 class VectorStore:
     """Vectors by name, backed by ``folder`` (``<name>.safetensors``)."""
 
-    def __init__(self, folder: str | Path, lm, *, warn: Callable[[str], None] | None = None) -> None:  # noqa: ANN001
+    def __init__(self, folder: str | Path, lm: ModelInfo, *, warn: Callable[[str], None] | None = None) -> None:
         self.folder = Path(folder)
         self.lm = lm
         self.warn = warn or log.warning
@@ -89,7 +96,7 @@ class VectorStore:
 
                     if notify is not None:
                         notify(f"measuring the dose window of {name} (built before dose windows existed)...")
-                    self.add(calibrated(self.lm, old)[0], overwrite=True)
+                    self.add(calibrated(self.lm.loaded(), old)[0], overwrite=True)
                 continue
             if old is not None:
                 self.warn(f"vector {name!r} was built from older contrast texts: rebuilding it")
@@ -105,8 +112,9 @@ class VectorStore:
         """A persona's vector with its dose window measured (steerlab.calibrate)."""
         from .calibrate import calibrated
 
-        vec = build_persona(self.lm, get_persona(name), progress=progress)
-        return calibrated(self.lm, vec, progress=self.warn if progress else None)[0]
+        lm = self.lm.loaded()  # the weights (a vLLM server loads its transformers copy now)
+        vec = build_persona(lm, get_persona(name), progress=progress)
+        return calibrated(lm, vec, progress=self.warn if progress else None)[0]
 
     def add(self, vec: SteeringVector, *, overwrite: bool = False, name: str | None = None) -> SteeringVector:
         """Save ``vec`` as ``<name>.safetensors`` (atomic) and make it available."""
@@ -125,6 +133,41 @@ class VectorStore:
     def update(self, name: str, vec: SteeringVector) -> SteeringVector:
         """Replace an existing vector (e.g. new defaults from a sweep)."""
         return self.add(vec, overwrite=True, name=name)
+
+
+def vector_path(folder: str | Path, name: str) -> Path:
+    return Path(folder) / f"{check_name(name)}.safetensors"
+
+
+def load_vectors(folder: str | Path, *, model_id: str | None = None, hidden_size: int | None = None,
+                 on_error: Callable[[Path, VectorFileError], object] | None = None) -> dict[str, SteeringVector]:
+    """Load every ``*.safetensors`` / ``*.gguf`` vector in ``folder``; bad files go to ``on_error(path, exc)``."""
+    out: dict[str, SteeringVector] = {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix not in (".safetensors", ".gguf", ".pkl", ".pickle", ".pt", ".pth"):
+            continue
+        try:
+            if path.is_symlink():  # a planted link could expose (or load) a file from outside the folder
+                raise VectorFileError(f"{path.name} is a symbolic link; vectors must be plain files in the folder "
+                                      "(copy the file in instead)")
+            if path.suffix == ".gguf":  # llama.cpp / repeng control vector (a same-named .safetensors wins)
+                from .gguf_io import import_gguf
+
+                vec = import_gguf(path, model_id=model_id, hidden_size=hidden_size)
+            else:
+                vec = SteeringVector.load(path, model_id=model_id, hidden_size=hidden_size)
+        except VectorFileError as exc:
+            if on_error is None:
+                raise
+            on_error(path, exc)
+            continue
+        out[path.stem] = vec
+    return out
 
 
 _VECTOR_SUFFIXES = (".safetensors", ".gguf", ".pkl", ".pickle", ".pt", ".pth")  # what load_vectors looks at

@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,14 @@ FORMAT_VERSION = 1
 _PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".bin"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SteeringVector:
-    """Directions per layer (fp32, CPU) with metadata. Built vectors have unit directions."""
+    """Directions per layer (fp32, CPU) with metadata. Built vectors have unit directions.
+
+    A value: two vectors are equal when their metadata and every direction are exactly equal
+    (``torch.equal``); the hash covers the identifying metadata only (model, name, layers, size,
+    contrast hash), so equal vectors hash alike and a vector can key a dict or join a set.
+    """
 
     directions: dict[int, torch.Tensor]
     norms: dict[int, float]
@@ -42,7 +47,7 @@ class SteeringVector:
     description: str = ""
     keywords: tuple[str, ...] = ()
     contrast_hash: str = ""
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     default_layers: tuple[int, ...] = ()
     default_strength: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +64,15 @@ class SteeringVector:
         bad = set(self.default_layers) - set(self.directions)
         if bad:
             raise SteeringError(f"default layers {sorted(bad)} have no direction; vector layers: {self.layers}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        return (self is other or self.metadata() == other.metadata()
+                and all(torch.equal(d, other.directions[k]) for k, d in self.directions.items()))
+
+    def __hash__(self) -> int:
+        return hash((self.model_id, self.name, tuple(self.layers), self.hidden_size, self.contrast_hash))
 
     # ---- basic facts -------------------------------------------------------------------
     @property
@@ -97,13 +111,6 @@ class SteeringVector:
         s = self.default_strength if strength is None else strength
         return {layer: self.directions[layer] * (s * self.norms[layer]) for layer in use}
 
-    def applied(self, lm, strength: float | None = None, **kwargs):  # noqa: ANN001, ANN201
-        """Context manager: steer ``lm`` with this vector; hooks removed on exit."""
-        from .hooks import Steer, steer
-
-        return steer(lm, [Steer(self, strength=strength, scale=kwargs.pop("scale", None),
-                                layers=kwargs.pop("layers", None))], **kwargs)
-
     # ---- derived vectors ---------------------------------------------------------------
     def select(self, layers: list[int]) -> SteeringVector:
         """Keep only ``layers``."""
@@ -130,7 +137,7 @@ class SteeringVector:
 
     def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:
         if not isinstance(other, SteeringVector):
-            return NotImplemented  # type: ignore[return-value]
+            return NotImplemented
         if other.model_id != self.model_id or other.hidden_size != self.hidden_size:
             raise SteeringError(
                 f"cannot combine vectors of different models ({self.model_id}, {self.hidden_size}) "
@@ -159,7 +166,7 @@ class SteeringVector:
 
     def __mul__(self, k: float) -> SteeringVector:
         if not isinstance(k, (int, float)):
-            return NotImplemented  # type: ignore[return-value]
+            return NotImplemented
         return replace(self, directions={i: d * float(k) for i, d in self.directions.items()})
 
     __rmul__ = __mul__

@@ -1,9 +1,11 @@
 """The web studio and HTTP API: ``create_app(lm, store, settings)``; ``steerlab serve`` runs it.
 
-Modules: ``schemas`` (request bounds), ``runner`` (the worker thread that owns the model,
-dynamic batching), ``bridge`` (worker <-> asyncio, server-sent events), ``resolve`` (request
-steering -> library objects), ``builds`` (background persona builds), ``app`` (routes),
-``openai_api`` (/v1), ``precompute`` (the page's pre-computed examples), ``command`` (CLI).
+Modules: ``app`` (the factory), ``state``/``settings`` (typed app state, settings), the routers
+``pages_api``, ``generation_api``, ``vectors_api``, ``reading_api``, ``openai_api``; ``schemas``
+(request bounds), ``resolve`` (request steering -> library objects), ``jobs``/``runner``/
+``batch_streamer``/``slices`` (the worker thread that owns the model, dynamic batching),
+``bridge`` (worker <-> asyncio, server-sent events), ``builds`` (background persona builds),
+``precompute`` (the page's pre-computed examples), ``command`` (CLI). docs/ARCHITECTURE.md maps them.
 Importing this package is cheap: FastAPI and torch load only when ``create_app`` is used.
 """
 
@@ -20,7 +22,7 @@ def __getattr__(name: str) -> Any:
 
         return create_app
     if name == "ServerSettings":
-        from .resolve import ServerSettings
+        from .settings import ServerSettings
 
         return ServerSettings
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

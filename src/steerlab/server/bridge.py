@@ -16,8 +16,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 from ..errors import SteeringError
-from .failures import is_oom as _is_oom
-from .runner import Busy, Delta, Done, Event, Failed, GenJob, JobCancelled, JobTimeout, Runner
+from .jobs import Busy, Delta, Done, Engine, Event, Failed, GenJob, JobCancelled, JobTimeout, is_oom, ran_past
 
 POLL_S = 0.5  # how often a waiting handler checks whether its client is still there
 
@@ -36,7 +35,7 @@ class Channel:
             pass
 
 
-def submit(runner: Runner, job: GenJob) -> None:
+def submit(runner: Engine, job: GenJob) -> None:
     """Queue ``job``; a full queue becomes 503 with Retry-After."""
     try:
         runner.submit(job)
@@ -59,7 +58,7 @@ def http_error(error: BaseException) -> HTTPException:
         return HTTPException(499, str(error))
     if isinstance(error, SteeringError):
         return HTTPException(400, str(error))
-    if _is_oom(error):
+    if is_oom(error):
         return HTTPException(503, OOM_MESSAGE, headers={"Retry-After": "5"})
     message = str(error)
     if len(message) > 300:
@@ -68,8 +67,7 @@ def http_error(error: BaseException) -> HTTPException:
 
 
 def _timed_out(job: GenJob) -> Failed:
-    return Failed(JobTimeout(f"generation ran past the {job.timeout_s:g} s limit; "
-                             "ask for fewer tokens or try again when the server is less busy"))
+    return Failed(ran_past(job))
 
 
 async def next_event(job: GenJob, channel: Channel, request: Request, gone: asyncio.Future | None = None) -> Event:
@@ -151,9 +149,8 @@ async def stream_events(job: GenJob, channel: Channel, request: Request, *,
         while True:
             event = await next_event(job, channel, request)
             if isinstance(event, Delta):
-                frame = delta(event)
-                if frame:
-                    yield frame
+                if piece := delta(event):
+                    yield piece
             elif isinstance(event, Done):
                 for frame in done(event):
                     yield frame

@@ -19,7 +19,7 @@ from fastapi import HTTPException
 
 def context_length(lm: Any) -> int | None:
     """The model's context in tokens, from its config; None when unknown (or not loaded: vLLM's side)."""
-    model = vars(lm).get("model")  # not getattr: a LazyModel would load its weights to answer
+    model = getattr(lm, "model", None)  # a DeferredModel (vLLM) has none: the weights may not be loaded
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "text_config", None) or cfg
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -57,7 +57,7 @@ class PromptBudget:
         if self._backend is not None:
             return len(self._backend.encode(text, add_special_tokens=special).ids)
         with self._lock:
-            return len(self._slow.encode(text, add_special_tokens=special))
+            return len(self._slow.encode(text, add_special_tokens=special))  # type: ignore[union-attr]
 
     def prompt_tokens(self, prompt: str, chat: bool | None) -> int:
         text, templated = self.render(prompt, chat)

@@ -21,12 +21,16 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..doctor import checkup
 from ..personas import Persona, build_persona
 from ..store import VectorStore
 from .schemas import BuildRequest
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+    from ..vectors import SteeringVector
 
 FINAL_STATES = ("done", "failed", "cancelled")
 
@@ -38,12 +42,12 @@ class BuildCancelled(Exception):
 class BuildWorker:
     """One thread for builds, on a copy of ``lm`` made at the first build (so generation never waits)."""
 
-    def __init__(self, lm) -> None:  # noqa: ANN001
+    def __init__(self, lm: LoadedModel) -> None:
         self._lm = lm
-        self._copy = None
+        self._copy: LoadedModel | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steerlab-build")
 
-    def model(self):  # noqa: ANN201
+    def model(self) -> LoadedModel:
         """The build copy (called on the build thread only)."""
         if self._copy is None:
             self._copy = copy.deepcopy(self._lm)
@@ -88,7 +92,8 @@ class Build:
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "state": self.state, "done": self.done, "total": self.total,
                 "progress": round(self.done / self.total, 3) if self.total else 0.0, "error": self.error,
-                "vector": self.vector, "doctor": self.doctor, "status_url": f"/builds/{self.id}", "events_url": f"/builds/{self.id}/events"}
+                "vector": self.vector, "doctor": self.doctor, "status_url": f"/builds/{self.id}",
+                "events_url": f"/builds/{self.id}/events"}
 
 
 class Builds:
@@ -119,7 +124,8 @@ class Builds:
                 del self._items[k]
 
     def start(self, req: BuildRequest, *, call: Callable[[Callable[[], Any]], Future], store: VectorStore,
-              model: Callable[[], Any], batch_size: int, describe) -> Build:  # noqa: ANN001
+              model: Callable[[], LoadedModel], batch_size: int,
+              describe: Callable[[str, SteeringVector], dict[str, Any]]) -> Build:
         """Queue the build with ``call`` (raises runner.Busy when refused) and return its record.
 
         ``model()`` gives the model to build on; it is called on the build thread.

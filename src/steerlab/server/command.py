@@ -7,6 +7,9 @@ vectors) and handing the app to uvicorn. Heavy imports happen inside the command
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import ipaddress
 import sys
 from pathlib import Path
@@ -17,10 +20,12 @@ from ..errors import SteeringError
 from ..options import load_lm, model_options, open_store, vectors_option
 from .limits import MAX_PROMPT_TOKENS, STRENGTH_LIMIT
 
-
-def _open(model_id: str | None, device: str, dtype: str, vectors_dir: Path | None, lm=None):  # noqa: ANN001, ANN202
-    lm = load_lm(model_id, device, dtype) if lm is None else lm
-    return lm, open_store(lm, vectors_dir)
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from ..models import LoadedModel
+    from ..models import ModelInfo
+    from .vllm_runner import DeferredModel
+    from .vllm_runner import VLLMRunner
 
 
 def _finite(value: float | None, param: click.Parameter) -> float | None:
@@ -49,7 +54,8 @@ def _key_values(pairs: tuple[str, ...]) -> dict:
     return out
 
 
-def _vllm_side(model_id: str | None, device: str, dtype: str, max_queue: int, engine_args: dict):  # noqa: ANN202
+def _vllm_side(model_id: str | None, device: str, dtype: str, max_queue: int,
+               engine_args: dict) -> tuple[DeferredModel, VLLMRunner]:
     """(transformers side, runner) for --engine vllm; vLLM itself starts with the app."""
     import importlib.util
 
@@ -59,7 +65,7 @@ def _vllm_side(model_id: str | None, device: str, dtype: str, max_queue: int, en
             "for GPUs), then `.venv-vllm/bin/steerlab serve --engine vllm` (or `make run-vllm`)")
     from ..engines.vllm_engine import AsyncVLLMEngine, VLLMModel
     from ..models import load_model
-    from .vllm_runner import LazyModel, VLLMRunner
+    from .vllm_runner import DeferredModel, VLLMRunner
 
     import dataclasses
 
@@ -74,7 +80,7 @@ def _vllm_side(model_id: str | None, device: str, dtype: str, max_queue: int, en
     facts = VLLMModel(model_id)
     # vLLM holds the accelerator's memory: the transformers copy (builds only) stays on the CPU unless told.
     build_device = "cpu" if device == "auto" else device
-    lm = LazyModel(facts, lambda: load_model(model_id, device=build_device, dtype=dtype))
+    lm = DeferredModel(facts, lambda: load_model(model_id, device=build_device, dtype=dtype))
     runner = VLLMRunner(lambda: AsyncVLLMEngine(model_id, dtype=dtype, **engine_args), max_queue=max_queue)
     return lm, runner
 
@@ -138,7 +144,8 @@ def _is_loopback(host: str) -> bool:
               help="A Host name besides localhost/127.0.0.1/[::1] that may build or cancel builds on a loopback "
                    "bind (e.g. behind a proxy); repeatable. Other names get 403 (DNS rebinding).")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
-              help="CPU threads for torch (default: the cores free at start, from the load average; env STEERLAB_THREADS).")
+              help="CPU threads for torch (default: the cores free at start, from the load average; "
+                   "env STEERLAB_THREADS).")
 @click.option("--api-key-all", is_flag=True, envvar="STEERLAB_API_KEY_ALL",
               help="Require the API key (env STEERLAB_API_KEY) on every endpoint but / and /health, not only on "
                    "building vectors. Env: STEERLAB_API_KEY_ALL=1.")
@@ -165,9 +172,12 @@ def _is_loopback(host: str) -> bool:
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @vectors_option
 @model_options
-def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, max_prompt_tokens, limit_concurrency,
-          timeout_keep_alive, allowed_hosts, threads, api_key_all, engine, tp, pp, gpu_mem, max_model_len, kv_cache_gib,
-          vllm_args, log_level, model_id, device, dtype, vectors_dir) -> None:  # noqa: ANN001
+# About 90 lines: its signature is its 26 options; the body is start-up in order (checks, settings, load).
+def serve(host: str, port: int, strength: float | None, no_build: bool, max_queue: int, max_batch: int,
+          timeout_s: float, max_prompt_tokens: int, limit_concurrency: int, timeout_keep_alive: float,
+          allowed_hosts: tuple[str, ...], threads: int | None, api_key_all: bool, engine: str, tp: int, pp: int,
+          gpu_mem: float | None, max_model_len: int, kv_cache_gib: int | None, vllm_args: tuple[str, ...],
+          log_level: str, model_id: str | None, device: str, dtype: str, vectors_dir: Path | None) -> None:
     """Run the web studio and HTTP API (OpenAPI docs at /docs).
 
     Opens http://HOST:PORT (default http://127.0.0.1:5050) at once: while the model loads and
@@ -204,25 +214,27 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, max_p
     settings = ServerSettings(strength=strength, max_queue=max_queue, max_batch_rows=max_batch,
                               request_timeout_s=timeout_s, max_prompt_tokens=max_prompt_tokens, api_key=api_key,
                               api_key_all=api_key_all, public=public, allowed_hosts=tuple(allowed_hosts))
-    vllm_args = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, gpu_memory_utilization=gpu_mem,
-                     max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                     engine_args=_key_values(vllm_args)) if engine == "vllm" else None
+    vllm_options = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, gpu_memory_utilization=gpu_mem,
+                        max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                        engine_args=_key_values(vllm_args)) if engine == "vllm" else None
 
-    def load(note):  # noqa: ANN001, ANN202 - runs in a thread while the port already answers
+    def load(note: Callable[[str], None]) -> FastAPI:  # runs in a thread while the port already answers
         from .app import create_app
 
         runner = None
-        if vllm_args is not None:
+        lm: ModelInfo
+        if vllm_options is not None:
             note("checking vLLM and the model...")
-            lm, runner = _vllm_side(model_id, device, dtype, max_queue, vllm_args)
-            lm, store = _open(model_id, device, dtype, vectors_dir, lm=lm)
+            lm, runner = _vllm_side(model_id, device, dtype, max_queue, vllm_options)
+            store = open_store(lm, vectors_dir)
             say(f"model: {lm.model_id} on vLLM ({lm.n_layers} layers; vLLM starts next, minutes on a CPU); "
                 f"vectors: {store.folder}")
         else:
             note(f"loading {model_id or 'the embedded model (SmolLM2-135M-Instruct)'}...")
-            lm = _load(model_id, device, dtype, note)
-            lm, store = _open(model_id, device, dtype, vectors_dir, lm=lm)
-            say(f"model: {lm.model_id} on {lm.device} ({lm.n_layers} layers); vectors: {store.folder}")
+            loaded = _load(model_id, device, dtype, note)
+            store = open_store(loaded, vectors_dir)
+            say(f"model: {loaded.model_id} on {loaded.device} ({loaded.n_layers} layers); vectors: {store.folder}")
+            lm = loaded
         if not no_build:
             built = store.ensure_builtins(progress=True, notify=note)
             if built:
@@ -255,7 +267,7 @@ def serve(host, port, strength, no_build, max_queue, max_batch, timeout_s, max_p
         sys.exit(1)
 
 
-def _load(model_id: str | None, device: str, dtype: str, note):  # noqa: ANN001, ANN202
+def _load(model_id: str | None, device: str, dtype: str, note: Callable[[str], None]) -> LoadedModel:
     from ..models import load_model
 
     return load_model(model_id, device=device, dtype=dtype, notify=note)
@@ -274,8 +286,8 @@ def _load(model_id: str | None, device: str, dtype: str, note):  # noqa: ANN001,
               help="Strength for every persona (default: each vector's own).")
 @vectors_option
 @model_options
-def examples(out_path, personas, n_prompts, max_new_tokens, strength, model_id, device, dtype,
-             vectors_dir) -> None:  # noqa: ANN001
+def examples(out_path: Path | None, personas: tuple[str, ...], n_prompts: int, max_new_tokens: int,
+             strength: float | None, model_id: str | None, device: str, dtype: str, vectors_dir: Path | None) -> None:
     """Regenerate the pre-computed base vs steered examples the studio shows without a model.
 
     Greedy decoding; each example runs in its mode (chat or raw); all rows of a mode (each prompt's
@@ -291,7 +303,8 @@ def examples(out_path, personas, n_prompts, max_new_tokens, strength, model_id, 
             chosen[name] = float(dose) if dose else strength
         except ValueError:
             raise click.BadParameter(f"{spec!r}: use NAME or NAME:STRENGTH", param_hint="--persona") from None
-    lm, store = _open(model_id, device, dtype, vectors_dir)
+    lm = load_lm(model_id, device, dtype)
+    store = open_store(lm, vectors_dir)
     data = precompute(lm, store, chosen, example_prompts(n_prompts), max_new_tokens=max_new_tokens)
     path = write_json(data, out_path or default_output())
     names = list(chosen)

@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..conditional import condition_vectors, decide
 from ..spec import Resolved
 from . import bridge
 
+if TYPE_CHECKING:
+    from .state import Studio
 
-async def decide_rows(state, prompt: str, rows: list[list[Resolved]]) -> tuple[list[list[Resolved]], list[list[dict]]]:  # noqa: ANN001
+
+async def decide_rows(state: Studio, prompt: str, rows: list[list[Resolved]]
+                      ) -> tuple[list[list[Resolved]], list[list[dict]]]:
     """``rows`` (one per batch row, all for ``prompt``) with their conditions decided, and per row what each did."""
     conds = condition_vectors(rows)
     if not conds:
         return rows, [[] for _ in rows]
 
     def work() -> tuple[list[list[Resolved]], list[list[dict]]]:
-        return decide(state.lm, [prompt] * len(rows), rows, reader=state.readers.get(state.lm, conds))
+        lm = state.lm.loaded()
+        return decide(lm, [prompt] * len(rows), rows, reader=state.readers.get(lm, conds))
 
     try:
         return await asyncio.wrap_future(state.runner.call(work))

@@ -52,7 +52,8 @@ class Guard:
                                  allowed_hosts=tuple(getattr(s, "allowed_hosts", ()) or ()))
         if refused is not None:
             status, message = refused
-            return await send_json(send, path, status, message, {"WWW-Authenticate": "Bearer"} if status == 401 else None)
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            return await send_json(send, path, status, message, headers)
         if method not in BODY_METHODS:
             return await self.app(scope, receive, send)
         too_big = (f"the request body is larger than {self.max_body} bytes: send less (prompts and texts have "

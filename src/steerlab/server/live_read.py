@@ -67,7 +67,10 @@ def live_reads(lm, jobs: Sequence, streamer) -> Iterator[Any]:  # noqa: ANN001
     if not wanting:
         yield streamer
         return
-    vectors, baselines, index, wanted = [], [], {}, {}
+    vectors: list[Any] = []
+    baselines: list[Any] = []
+    index: dict[Any, int] = {}
+    wanted: dict[Any, Any] = {}
     for job in wanting:
         reader = job.live_read.reader()
         names = []

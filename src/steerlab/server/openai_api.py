@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
@@ -24,11 +24,15 @@ from .openapi import GENERATION, errors, json_or_sse
 from .resolve import options, resolve_steering
 from .runner import Done, GenJob
 from .schemas import ChatRequest
+from .state import studio
+
+if TYPE_CHECKING:
+    from ..models import ModelInfo
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 
-def render(lm, messages: list, *, adds_special: bool) -> tuple[str, bool | None]:  # noqa: ANN001
+def render(lm: ModelInfo, messages: list, *, adds_special: bool) -> tuple[str, bool | None]:
     """One prompt from chat messages, and the ``chat`` flag to generate it with."""
     try:
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
@@ -49,7 +53,7 @@ def render(lm, messages: list, *, adds_special: bool) -> tuple[str, bool | None]
 
 @router.get("/models", summary="The one loaded model, as OpenAI's model list", responses=errors(openai=True))
 def models(request: Request) -> dict[str, Any]:
-    lm = request.app.state.lm
+    lm = studio(request).lm
     return {"object": "list", "data": [{"id": lm.model_id, "object": "model", "created": 0, "owned_by": "steerlab"}]}
 
 
@@ -57,7 +61,7 @@ def models(request: Request) -> dict[str, Any]:
              responses={**json_or_sse("A chat.completion, or chat.completion.chunk events ending in [DONE]"),
                         **errors(*GENERATION, openai=True)})
 async def chat_completions(req: ChatRequest, request: Request) -> Any:
-    state = request.app.state
+    state = studio(request)
     lm, settings = state.lm, state.settings
     prompt, chat = render(lm, req.messages, adds_special=state.adds_special_tokens)
     steers, applied = resolve_steering(req.steering, req.strength, store=state.store, lm=lm, settings=settings,

@@ -11,14 +11,18 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..defaults import REPETITION_PENALTY
 from ..generate import GenerationOptions, generate
 from ..hooks import Steer
 from ..store import VectorStore
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
 
 
 def default_output() -> Path:
@@ -33,8 +37,8 @@ def example_prompts(n: int) -> list[tuple[str, bool]]:
     return [(e["prompt"], e.get("mode", "chat") == "chat") for e in data[:n]]
 
 
-def precompute(lm, store: VectorStore, strengths: dict[str, float | None], prompts: list[tuple[str, bool]], *,
-               max_new_tokens: int = 48) -> dict[str, Any]:  # noqa: ANN001
+def precompute(lm: LoadedModel, store: VectorStore, strengths: dict[str, float | None], prompts: list[tuple[str, bool]],
+               *, max_new_tokens: int = 48) -> dict[str, Any]:
     """Greedy base and steered completions of ``prompts`` ((text, chat) pairs) for each vector
     named in ``strengths`` (at that strength; None: the vector's default, a dose once its window
     is measured). One batch per mode."""
@@ -67,8 +71,8 @@ def precompute(lm, store: VectorStore, strengths: dict[str, float | None], promp
         }
     return {
         "model": lm.model_id,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "decoding": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "repetition_penalty": 1.2},
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "decoding": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "repetition_penalty": REPETITION_PENALTY},
         "personas": personas,
     }
 

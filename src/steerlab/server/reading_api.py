@@ -14,7 +14,7 @@ import asyncio
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +25,12 @@ from .limits import MAX_PROMPT_CHARS, MAX_VECTORS
 from .openapi import errors
 from .resolve import unknown_vector
 from .schemas import VectorName
+from .state import studio
+
+if TYPE_CHECKING:
+    from .state import Studio
+    from ..models import LoadedModel
+    from ..store import VectorStore
 
 MAX_READ_CHARS = 4 * MAX_PROMPT_CHARS
 
@@ -37,7 +43,7 @@ class Readers:
         self._cache: OrderedDict[tuple, Reader] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, lm, vectors: Sequence) -> Reader:  # noqa: ANN001
+    def get(self, lm: LoadedModel, vectors: Sequence) -> Reader:
         key = tuple((v.name, id(v)) for v in vectors)
         with self._lock:
             if key in self._cache:
@@ -60,21 +66,21 @@ def compact(reading: TextReading) -> dict[str, Any]:
             "peak": {n: round(reading.peak(n), 3) for n in names}}
 
 
-def check_read(names: Sequence[str] | None, store) -> None:  # noqa: ANN001
+def check_read(names: Sequence[str] | None, store: VectorStore) -> None:
     """Refuse unknown vector names in ``read`` before anything is generated."""
     for name in names or ():
         if name not in store.vectors:
             raise unknown_vector(name, store)
 
 
-async def read_rows(state, names: Sequence[str], texts: Sequence[str], *,  # noqa: ANN001
+async def read_rows(state: Studio, names: Sequence[str], texts: Sequence[str], *,
                     prompts: Sequence[str] | None = None, chat: bool | None = None) -> list[dict[str, Any]]:
     """Readings of ``texts`` (replies to ``prompts`` when given) for vectors ``names``, on the worker."""
     check_read(names, state.store)
     vectors = [state.store.vectors[name] for name in dict.fromkeys(names)]
 
     def work() -> list[TextReading]:
-        reader = state.readers.get(state.lm, vectors)
+        reader = state.readers.get(state.lm.loaded(), vectors)
         if prompts is None:
             return reader.read(list(texts))
         return reader.read_replies(list(prompts), list(texts), chat=chat)
@@ -98,7 +104,8 @@ class ReadRequest(BaseModel):
     text: str = Field(min_length=1, max_length=MAX_READ_CHARS, description="Text to read.")
     read: list[VectorName] = Field(min_length=1, max_length=MAX_VECTORS, description="Vectors to read.")
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
-                               description="Read `text` as the reply to this prompt (chat template when the model has one).")
+                               description="Read `text` as the reply to this prompt (chat template when the model "
+                                           "has one).")
 
 
 router = APIRouter(tags=["glass box"])
@@ -107,7 +114,7 @@ router = APIRouter(tags=["glass box"])
 @router.post("/read", summary="Token readings of a text for some vectors (monitoring, no generation)",
              responses=errors(404, 413, 422))
 async def read(req: ReadRequest, request: Request) -> dict[str, Any]:
-    rows = await read_rows(request.app.state, req.read or [], [req.text],
+    rows = await read_rows(studio(request), req.read or [], [req.text],
                            prompts=None if req.prompt is None else [req.prompt])
     return {"text": req.text, "read": rows[0]}
 
@@ -118,11 +125,12 @@ async def lens(name: str, request: Request, k: int = Query(8, ge=1, le=50)) -> d
     """At the vector's active layers and its deepest layer (where the lens reads clearest)."""
     from ..lens import lens_layers, logit_lens
 
-    state = request.app.state
+    state = studio(request)
     check_read([name], state.store)
     vec = state.store.vectors[name]
     try:
-        rows = await asyncio.wrap_future(state.runner.call(lambda: logit_lens(state.lm, vec, layers=lens_layers(vec), k=k)))
+        work = lambda: logit_lens(state.lm.loaded(), vec, layers=lens_layers(vec), k=k)  # noqa: E731
+        rows = await asyncio.wrap_future(state.runner.call(work))
     except Exception as exc:
         raise bridge.http_error(exc) from None
     return {"name": name, "layers": [r.to_dict() for r in rows]}

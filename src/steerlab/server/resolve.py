@@ -8,38 +8,24 @@ and the JSON description of a vector. Raises HTTP errors with messages a client 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException
 
+from ..defaults import REPETITION_PENALTY
 from ..errors import SteeringError
 from ..generate import GenerationOptions
 from ..spec import DEFAULT_GOVERNOR, DEFAULT_OPERATOR, Resolved, Steer, When, default_dose, resolve, window
 from ..personas import builtin_names
 from ..store import VectorStore
 from ..vectors import SteeringVector
-from .limits import MAX_PROMPT_TOKENS, MIN_SAMPLING_TEMPERATURE
+from .limits import MIN_SAMPLING_TEMPERATURE
 from .schemas import SteerEntry
+from .settings import ServerSettings  # re-exported: it lived here
 
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Everything the app needs besides the model and the vectors."""
-
-    strength: float | None = None  # STRENGTH: replaces every vector's default strength
-    max_queue: int = 32  # waiting jobs before 503
-    max_batch_rows: int = 16  # rows (prompts) in one batched generation
-    batch_wait_s: float = 0.01  # how long the worker waits for more jobs to batch with
-    request_timeout_s: float = 120.0  # per request, queueing included
-    max_prompt_tokens: int = MAX_PROMPT_TOKENS  # a request's rendered prompt; the model's context bounds it too
-    max_batch_tokens: int = 8192  # padded prompt tokens (rows x longest prompt) in one batch
-    allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback that mutating requests may use
-    build_batch_size: int = 4  # contrast texts per forward pass when building (progress granularity)
-    api_key: str | None = field(default=None, repr=False)  # STEERLAB_API_KEY: required on mutating endpoints
-    api_key_all: bool = False  # STEERLAB_API_KEY_ALL=1: the key is required everywhere but / and /health
-    public: bool = False  # bound to a non-loopback address: without a key, mutating endpoints are refused
+if TYPE_CHECKING:
+    from ..models import ModelInfo
 
 
 def effective_strength(vec: SteeringVector, settings: ServerSettings) -> float:
@@ -98,9 +84,9 @@ def unknown_vector(name: str, store: VectorStore) -> HTTPException:
                               "them; POST /vectors builds a new one)")
 
 
-def resolve_steering(steering: list[SteerEntry] | None, strength: float | None, *, store: VectorStore, lm,
+def resolve_steering(steering: list[SteerEntry] | None, strength: float | None, *, store: VectorStore, lm: ModelInfo,
                      settings: ServerSettings, dose: float | None = None, governor: bool | None = None,
-                     positions: str | int | None = None) -> tuple[list[Resolved], list[dict[str, Any]]]:  # noqa: ANN001
+                     positions: str | int | None = None) -> tuple[list[Resolved], list[dict[str, Any]]]:
     """Resolved entries for one row, and what was applied (vector, dose/strength, operator, layers...).
 
     Amount: the entry's dose/strength/scale > the request's dose or strength > the server's
@@ -136,7 +122,8 @@ def label(applied: list[dict[str, Any]]) -> str:
     return "+".join(a["vector"] for a in applied) or "none"
 
 
-def options(req: Any, steers: list[Resolved], *, lm, max_new_tokens: int, chat: bool | None) -> GenerationOptions:  # noqa: ANN001
+def options(req: Any, steers: list[Resolved], *, lm: ModelInfo, max_new_tokens: int,
+            chat: bool | None) -> GenerationOptions:
     """Generation options of a request (``positions``: the request's, for entries that set none)."""
     if chat and not lm.has_chat_template:
         raise HTTPException(400, f"{lm.model_id} has no chat template: send \"chat\": false (raw completion)")
@@ -149,5 +136,5 @@ def options(req: Any, steers: list[Resolved], *, lm, max_new_tokens: int, chat: 
         seed=req.seed,
         chat=lm.has_chat_template if chat is None else chat,
         positions=positions,
-        repetition_penalty=getattr(req, "repetition_penalty", 1.2),
+        repetition_penalty=getattr(req, "repetition_penalty", REPETITION_PENALTY),
     )

@@ -11,7 +11,8 @@ Owns dynamic batching, per-job token limits, cancellation, time limits and exclu
 * Which job runs next is not plain arrival order: each waiting job is ranked by its estimated
   finish, arrival time plus its cost (new tokens, plus prompt tokens at ``PREFILL_PER_STEP`` per
   decode step) times the measured time of one decode step. Short requests overtake long ones
-  that arrived before them; a long one is not starved, since later arrivals rank after it. A batch holds at most ``max_batch_tokens`` padded prompt tokens, so one
+  that arrived before them; a long one is not starved, since later arrivals rank after it. A batch
+  holds at most ``max_batch_tokens`` padded prompt tokens, so one
   long prompt cannot make every row of a batch long.
 * A job's ``cancel`` event (client gone) or its deadline ends it at the next token (every
   decode step checks); a batch stops as soon as none of its jobs is still wanted.
@@ -27,6 +28,9 @@ Owns dynamic batching, per-job token limits, cancellation, time limits and exclu
   generation. Steering hooks live only inside one batch's ``generate`` (context-managed).
 
 Knows nothing about HTTP: jobs report through ``emit(event)``, called on the worker thread.
+The job types live in :mod:`.jobs`, the per-step streamer in :mod:`.batch_streamer`. (About 430
+lines: queueing, batching, slicing and ranking are one state machine over one lock; split
+further, each part would need the others' private state.)
 """
 
 from __future__ import annotations
@@ -38,141 +42,38 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers.generation.streamers import BaseStreamer
-
-from ..generate import GenerationOptions, _eos_ids
+from ..generate import GenerationOptions, eos_ids
 from ..spec import Resolved
 from . import slices
-from .failures import is_oom as _is_oom
-from .failures import short as _short
+from .batch_streamer import BatchStreamer
 from .live_read import live_reads
+from .jobs import (  # re-exported: routes, tests and the vLLM runner import them from here
+    PREFILL_PER_STEP,
+    Busy,
+    Delta,
+    Done,
+    Engine,
+    Event,
+    Failed,
+    GenJob,
+    JobCancelled,
+    JobTimeout,
+    RowResult,
+    is_oom,
+    short_error,
+    ran_past,
+)
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+__all__ = ["PREFILL_PER_STEP", "Busy", "Delta", "Done", "Engine", "Event", "Failed", "GenJob", "JobCancelled",
+           "JobTimeout", "RowResult", "Runner", "batch_key", "ran_past"]
 
 log = logging.getLogger("steerlab.server")
-
-PREFILL_PER_STEP = 16  # prompt tokens whose prefill costs about one decode step (a rough CPU figure)
-
-
-class Busy(Exception):
-    """The queue is full (or the runner is closed); try again after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, retry_after: int = 2) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class JobTimeout(Exception):
-    """A job ran past its time limit."""
-
-
-class JobCancelled(Exception):
-    """A job was cancelled by its client."""
-
-
-# ---- events a job emits -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Delta:
-    row: int
-    text: str
-    gain: float | None = None  # the governor's gain on this row's steering for these tokens (None: no governor)
-    read: tuple | None = None  # (start, end, {vector: reading}) of an earlier token, text "" (server.live_read)
-
-
-@dataclass(frozen=True)
-class RowResult:
-    text: str
-    tokens: int
-    prompt_tokens: int
-    finish_reason: str  # "stop" (end of text) or "length" (token limit)
-    governor: dict | None = None  # what the coherence governor did to this row (None: it did not run)
-    conditions: list[dict] | None = None  # what its text conditions did (steerlab.conditional.TextGate)
-
-
-@dataclass(frozen=True)
-class Done:
-    rows: list[RowResult]
-    batch_jobs: int  # jobs that shared this job's batch (itself included)
-    batch_rows: int
-    queued_s: float
-    first_token_s: float | None
-    total_s: float
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: BaseException
-
-
-Event = Delta | Done | Failed
-
-
-class TextDeltas:
-    """One row's text as it grows: the new part after each token, never half a character."""
-
-    def __init__(self, tokenizer) -> None:  # noqa: ANN001
-        self.tok = tokenizer
-        self.sent = ""
-
-    def delta(self, ids: list[int]) -> str:
-        """The text added since the last call ('' while a multi-byte character is incomplete)."""
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
-
-    def final(self, ids: list[int]) -> tuple[str, str]:
-        """(the tail not sent yet, the whole text) once the row is done."""
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        tail = text[len(self.sent):] if text.startswith(self.sent) else ""
-        self.sent = text
-        return tail, text
-
-
-@dataclass(eq=False)
-class GenJob:
-    """One request: prompts (rows) with per-row steering and shared options."""
-
-    prompts: list[str]
-    steering: list[list[Resolved]]
-    options: GenerationOptions
-    emit: Callable[[Event], None]
-    timeout_s: float = 120.0
-    prompt_tokens: int = 0  # the longest row's prompt in tokens, counted by the app (0: unknown)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    created: float = field(default_factory=time.monotonic)
-    finished: bool = False  # set once Done/Failed was emitted (worker thread only)
-    outcome: str | None = None  # "done", "cancelled", "timed_out" or "failed", once finished
-    live_read: Any = None  # a server.live_read.LiveRead: stream each token's reading
-
-    @property
-    def deadline(self) -> float:
-        return self.created + self.timeout_s
-
-    @property
-    def cost(self) -> float:
-        """This job's work in decode steps: its new tokens, and its prompt (prefill is parallel, so cheaper)."""
-        return self.prompt_tokens / PREFILL_PER_STEP + self.options.max_new_tokens
-
-    def end(self, event: Event) -> None:
-        if not self.finished:
-            self.finished = True
-            self.outcome = _outcome(event)
-            self.emit(event)
-
-
-def _outcome(event: Event) -> str:
-    if isinstance(event, Done):
-        return "done"
-    if isinstance(event, Failed) and isinstance(event.error, JobCancelled):
-        return "cancelled"
-    if isinstance(event, Failed) and isinstance(event.error, JobTimeout):
-        return "timed_out"
-    return "failed"
-
 
 @dataclass(eq=False)
 class _Call:
@@ -208,114 +109,11 @@ def batch_key(opts: GenerationOptions) -> tuple | None:
             opts.repetition_penalty)
 
 
-class _BatchStreamer(BaseStreamer):
-    """Splits a batch's new tokens back into jobs; ends each job when its rows are done."""
-
-    def __init__(self, tokenizer, slots: list[tuple[GenJob, int]], eos: set[int], stop: threading.Event,
-                 prompt_tokens: list[int], started: float, n_jobs: int) -> None:  # noqa: ANN001
-        self.slots = slots
-        self.eos = eos
-        self.stop = stop
-        self.prompt_tokens = prompt_tokens
-        self.started = started
-        self.n_jobs = n_jobs
-        self.jobs = list(dict.fromkeys(job for job, _ in slots))
-        self.ids: list[list[int]] = [[] for _ in slots]
-        self.texts = [TextDeltas(tokenizer) for _ in slots]
-        self.reason: list[str | None] = [None] * len(slots)
-        self.first_token: dict[GenJob, float] = {}
-        self.prompt_seen = False
-        self.report: dict = {}  # filled by generate(): "live" is the governor while it runs
-        self.should_yield: Callable[[], bool] | None = None  # set by the runner for each slice
-        self.yielded = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompts (every slice starts with them)
-            self.prompt_seen = True
-            return
-        now = time.monotonic()
-        self._check_alive(now)
-        for r, t in enumerate(value.reshape(len(self.slots), -1)[:, -1].tolist()):
-            job, _ = self.slots[r]
-            if job.finished or self.reason[r]:
-                continue
-            if t in self.eos:
-                self.reason[r] = "stop"
-            else:
-                self.ids[r].append(t)
-                self.first_token.setdefault(job, now)
-                self._emit_delta(r)
-                if len(self.ids[r]) >= job.options.max_new_tokens:
-                    self.reason[r] = "length"
-        for job in self.jobs:
-            if not job.finished and all(self.reason[r] for r, (j, _) in enumerate(self.slots) if j is job):
-                self._finish(job)
-        if all(job.finished for job in self.jobs):
-            self.stop.set()
-        elif self.should_yield is not None and self.should_yield():
-            self.yielded = True
-            self.stop.set()
-
-    def end(self) -> None:
-        pass
-
-    def _gain(self, r: int) -> float | None:
-        gov = self.report.get("live")
-        if gov is None or not bool(gov.on[r]) or not gov.gains[r]:
-            return None
-        return gov.gains[r][-1]
-
-    def _emit_delta(self, r: int) -> None:
-        if delta := self.texts[r].delta(self.ids[r]):
-            job, row = self.slots[r]
-            job.emit(Delta(row, delta, self._gain(r)))
-
-    def _check_alive(self, now: float) -> None:
-        for job in self.jobs:
-            if job.finished:
-                continue
-            if job.cancel.is_set():
-                job.end(Failed(JobCancelled("cancelled by the client")))
-            elif now > job.deadline:
-                job.end(Failed(JobTimeout(f"generation ran past the {job.timeout_s:g} s limit; "
-                                          "ask for fewer tokens or try again when the server is less busy")))
-
-    def _finish(self, job: GenJob) -> None:
-        rows = []
-        for r, (j, _) in enumerate(self.slots):
-            if j is job:
-                tail, text = self.texts[r].final(self.ids[r])
-                if tail:  # a held-back tail
-                    job.emit(Delta(self.slots[r][1], tail))
-                gov, gate = self.report.get("live"), self.report.get("gate")
-                summary = gov.summary()[r] if gov is not None and bool(gov.on[r]) else None
-                rows.append(RowResult(text=text.strip(), tokens=len(self.ids[r]), prompt_tokens=self.prompt_tokens[r],
-                                      finish_reason=self.reason[r] or "length", governor=summary,
-                                      conditions=gate.summary()[r] if gate is not None else None))
-        now = time.monotonic()
-        first = self.first_token.get(job)
-        job.end(Done(rows=rows, batch_jobs=self.n_jobs, batch_rows=len(self.slots),
-                     queued_s=self.started - job.created, first_token_s=None if first is None else first - job.created,
-                     total_s=now - job.created))
-
-    def close(self, error: BaseException | None) -> None:
-        """After ``generate`` returned (or raised): answer every job still open."""
-        self._check_alive(time.monotonic())
-        for job in self.jobs:
-            if error is not None:
-                job.end(Failed(error))
-            else:
-                for r, (j, _) in enumerate(self.slots):
-                    if j is job and not self.reason[r]:
-                        self.reason[r] = "length" if len(self.ids[r]) >= job.options.max_new_tokens else "stop"
-                self._finish(job)
-
-
 class Runner:
     """The worker thread that owns ``lm``. ``start()`` it, ``submit()`` jobs, ``close()`` it."""
 
-    def __init__(self, lm, *, max_queue: int = 32, max_batch_rows: int = 16, batch_wait_s: float = 0.01,
-                 max_batch_tokens: int = 8192, slice_s: float = 1.0) -> None:  # noqa: ANN001
+    def __init__(self, lm: LoadedModel, *, max_queue: int = 32, max_batch_rows: int = 16, batch_wait_s: float = 0.01,
+                 max_batch_tokens: int = 8192, slice_s: float = 1.0) -> None:
         self.lm = lm
         self.slice_s = slice_s
         self._step_s = 0.02  # seconds per decode step, measured (moving average) as batches run
@@ -323,14 +121,14 @@ class Runner:
         self.max_batch_rows = max_batch_rows
         self.batch_wait_s = batch_wait_s
         self.max_batch_tokens = max_batch_tokens
-        self._eos = set(_eos_ids(lm.tokenizer))
+        self._eos = set(eos_ids(lm.tokenizer))
         self._pending: collections.deque[GenJob | _Call | _Paused] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
         self._busy = False
         self._stop_current: threading.Event | None = None
         self._thread: threading.Thread | None = None
-        self._counts = collections.Counter()
+        self._counts: collections.Counter[str] = collections.Counter()
         self._batch_sizes: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)
         self._batch_secs: collections.deque[float] = collections.deque(maxlen=16)
 
@@ -392,7 +190,8 @@ class Runner:
 
     def engine_info(self) -> dict[str, str]:
         """What /health says generates: this engine, its device and dtype."""
-        return {"engine": "transformers", "device": str(self.lm.device), "dtype": str(self.lm.dtype).replace("torch.", "")}
+        return {"engine": "transformers", "device": str(self.lm.device),
+                "dtype": str(self.lm.dtype).replace("torch.", "")}
 
     def stats(self) -> dict[str, Any]:
         """Counters for /health and tests: queue depth, batches, jobs, and how jobs ended."""
@@ -429,7 +228,7 @@ class Runner:
         self._pending.remove(best)
         return best
 
-    def _yield_check(self, batch: list[GenJob], streamer: _BatchStreamer, opts: GenerationOptions,
+    def _yield_check(self, batch: list[GenJob], streamer: BatchStreamer, opts: GenerationOptions,
                      state_generated: int, slice_started: float, prompt_left: int = 0) -> Callable[[], bool]:
         """For the streamer: whether the running batch should stop now and let a waiting job run."""
         if opts.seed is not None and opts.temperature > 0:
@@ -524,7 +323,7 @@ class Runner:
         error: BaseException | None = None
         try:
             state = slices.begin(self.lm, prompts, opts)
-            streamer = _BatchStreamer(self.lm.tokenizer, slots, self._eos, threading.Event(),
+            streamer = BatchStreamer(self.lm.tokenizer, slots, self._eos, threading.Event(),
                                       state.mask.sum(dim=1).tolist(), started, len(batch))
             self._batch_sizes.append((len(batch), len(slots)))
             self._counts["batches"] += 1
@@ -584,7 +383,7 @@ class Runner:
                 self._cv.notify_all()
             self._counts["yielded"] += 1
             return
-        if error is not None and len(run.batch) > 1 and not _is_oom(error):
+        if error is not None and len(run.batch) > 1 and not is_oom(error):
             untouched = [j for j in run.batch if not j.finished and j not in streamer.first_token]
             if len(untouched) == len(run.batch):  # failed before any token: find the job it belongs to
                 log.warning("runner: a batch of %d jobs failed (%s); retrying each alone", len(run.batch),
@@ -598,7 +397,7 @@ class Runner:
         self._finish_batch(run.batch, streamer, error, run.started)
 
     @staticmethod
-    def _keep_prefilling(streamer: _BatchStreamer, stop: threading.Event) -> bool:
+    def _keep_prefilling(streamer: BatchStreamer, stop: threading.Event) -> bool:
         """Between prefill chunks: the same checks a decode step makes (client, deadline, yielding)."""
         streamer._check_alive(time.monotonic())
         if all(job.finished for job in streamer.jobs):
@@ -608,13 +407,13 @@ class Runner:
             stop.set()
         return not stop.is_set()
 
-    def _finish_batch(self, batch: list[GenJob], streamer: _BatchStreamer | None, error: BaseException | None,
+    def _finish_batch(self, batch: list[GenJob], streamer: BatchStreamer | None, error: BaseException | None,
                       started: float) -> None:
         if error is not None and not isinstance(error, Busy):
-            log.error("runner: generation failed: %s: %s", type(error).__name__, _short(error))
-        if streamer is None:
+            log.error("runner: generation failed: %s: %s", type(error).__name__, short_error(error))
+        if streamer is None:  # encoding failed: error is set
             for job in batch:
-                job.end(Failed(error))
+                job.end(Failed(error or RuntimeError("the batch could not start")))
         else:
             streamer.close(error)
         for job in batch:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from ..defaults import REPETITION_PENALTY
 from ..errors import PersonaError
 from ..personas import NAME_PATTERN, check_name
 from ..spec import DOSE_LIMIT
@@ -111,7 +112,8 @@ class _Sampling(BaseModel):
     max_length: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="New tokens to generate.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (only when temperature > 0).")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Random seed: same seed, same sample.")
-    repetition_penalty: float = Field(1.2, ge=1.0, le=2.0, description="1.0 = off; small models loop without it.")
+    repetition_penalty: float = Field(REPETITION_PENALTY, ge=1.0, le=2.0,
+                                      description="1.0 = off; small models loop without it.")
     chat: bool | None = Field(None, description="Use the chat template (default: when the model has one).")
     positions: Literal["all", "generated"] | None = Field(
         None, description="Steer every position, or only generated ones (default: the vector's setting).")

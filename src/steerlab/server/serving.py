@@ -1,6 +1,6 @@
 """Running the app under uvicorn: connection limits, idle timeouts, a graceful stop, quieter logs.
 
-Owns the uvicorn configuration that ``steerlab serve`` and :func:`~steerlab.server.background.serve_in_thread`
+Owns the uvicorn configuration that ``steerlab serve`` and the tests' ``serve_in_thread`` (tests/helpers.py)
 share, so tests run what users run:
 
 * a connection that sends no complete request head within ``head_timeout_s`` is closed (uvicorn
@@ -83,7 +83,7 @@ def protocol(head_timeout_s: float, max_connections: int) -> type[H11Protocol]:
     """uvicorn's h11 protocol, closing silent new connections and connections past the cap."""
 
     class Guarded(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # noqa: ANN401
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
                 transport.abort()  # frees the descriptor now; a client retries later
@@ -110,7 +110,7 @@ class Server(uvicorn.Server):
         super().__init__(config)
         self.on_exit = on_exit
 
-    def handle_exit(self, sig: int, frame: Any) -> None:  # noqa: ANN401
+    def handle_exit(self, sig: int, frame: Any) -> None:
         if self.on_exit is not None and not self.should_exit:
             try:
                 self.on_exit()
@@ -122,15 +122,16 @@ class Server(uvicorn.Server):
 def make_server(app: Any, *, host: str, port: int, log_level: str = "info", limit_concurrency: int = 256,
                 max_connections: int | None = None, timeout_keep_alive: float = 5.0, head_timeout_s: float = 10.0,
                 graceful_s: float = 5.0) -> Server:
-    """The configured server for ``app`` (its ``state.runner`` is shut down on the first stop signal)."""
+    """The configured server for ``app`` (its ``state.studio.runner`` is shut down on the first stop signal)."""
     soft = raise_open_file_limit()
     if max_connections is None:
         max_connections = max(16, min(4 * limit_concurrency, (soft or 1024) - 64))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=graceful_s, limit_concurrency=limit_concurrency,
-                            timeout_keep_alive=timeout_keep_alive,
+                            timeout_graceful_shutdown=graceful_s,  # type: ignore[arg-type]  # floats work
+                            limit_concurrency=limit_concurrency,
+                            timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]
                             http=protocol(head_timeout_s, max_connections))
     quiet_repeats()
-    runner = getattr(getattr(app, "state", None), "runner", None)
+    runner = getattr(getattr(getattr(app, "state", None), "studio", None), "runner", None)
     shutdown = getattr(runner, "shutdown", None)
     return Server(config, on_exit=shutdown)

@@ -18,14 +18,18 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, fields, replace
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..generate import GenerationOptions, encode_prompts, generation_kwargs, steering_session
+from ..generate import GenerationOptions, encode_prompts, generation_kwargs, run_generate, steering_session
 from ..hooks import steer
 from ..spec import resolve_rows
+
+if TYPE_CHECKING:
+    from transformers.generation.streamers import BaseStreamer
+    from ..models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,11 @@ class _Stop(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001, ANN204
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def begin(lm, prompts: list[str], opts: GenerationOptions) -> SliceState:  # noqa: ANN001
+def begin(lm: LoadedModel, prompts: list[str], opts: GenerationOptions) -> SliceState:
     """Encode the batch (left-padded, as generate() does); seed the sampler once, here."""
     enc = encode_prompts(lm, prompts, opts.chat)
     if opts.seed is not None:
@@ -59,8 +63,8 @@ PREFILL_CHUNK = 256  # prompt tokens per prefill forward pass; the last chunk (<
 
 
 @torch.no_grad()
-def prefill(lm, state: SliceState, steering: list[list], opts: GenerationOptions, *,
-            keep_going: Callable[[], bool], chunk: int | None = None) -> SliceState:  # noqa: ANN001
+def prefill(lm: LoadedModel, state: SliceState, steering: list[list], opts: GenerationOptions, *,
+            keep_going: Callable[[], bool], chunk: int | None = None) -> SliceState:
     """Put all but the last ``chunk`` prompt tokens into the cache, a chunk at a time, while ``keep_going()``."""
     chunk = chunk or PREFILL_CHUNK
     total = state.ids.shape[1]
@@ -71,7 +75,8 @@ def prefill(lm, state: SliceState, steering: list[list], opts: GenerationOptions
     resolved = resolve_rows(steering, lm.n_layers, positions=opts.positions,
                             operator="add_norm" if opts.norm_preserve else None)
     # entries steering only generated positions leave the prompt alone; "from N" entries use position ids
-    rows = [[r for r in row if r.positions != "generated" and not r.gated] for row in resolved]  # text gates start closed
+    # text gates start closed
+    rows = [[r for r in row if r.positions != "generated" and not r.gated] for row in resolved]
     with steer(lm, rows):
         while total - done > chunk and keep_going():
             end = done + chunk
@@ -84,8 +89,9 @@ def prefill(lm, state: SliceState, steering: list[list], opts: GenerationOptions
 
 
 @torch.no_grad()
-def run(lm, state: SliceState, steering: list[list], opts: GenerationOptions, *, streamer, stop: threading.Event,
-        max_new_tokens: int, report: dict | None = None) -> SliceState:  # noqa: ANN001
+def run(lm: LoadedModel, state: SliceState, steering: list[list], opts: GenerationOptions, *,
+        streamer: BaseStreamer | None,
+        stop: threading.Event, max_new_tokens: int, report: dict | None = None) -> SliceState:
     """Generate up to ``max_new_tokens`` more (fewer when ``stop`` is set); the state to resume from.
 
     ``report`` gets the governor under ``"live"`` and the text conditions' gate under ``"gate"`` while
@@ -96,7 +102,7 @@ def run(lm, state: SliceState, steering: list[list], opts: GenerationOptions, *,
     if state.cache is not None:  # transformers 5 calls it `cache`; 4.x `past_key_values`
         kwargs["cache" if _NEW_CACHE_NAME else "past_key_values"] = state.cache
     with steering_session(lm, resolved, state.ids.shape[0], kwargs, report, resume=state.generated > 0):
-        out = lm.model.generate(input_ids=state.ids, attention_mask=state.mask, streamer=streamer,
+        out = run_generate(lm, input_ids=state.ids, attention_mask=state.mask, streamer=streamer,
                                 stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
                                 return_dict_in_generate=True, use_cache=True, **kwargs)
     new = out.sequences.shape[1] - state.ids.shape[1]

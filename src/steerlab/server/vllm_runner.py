@@ -20,43 +20,45 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .runner import Busy, Delta, Done, Failed, GenJob, JobCancelled, JobTimeout, RowResult, TextDeltas
+from ..generate import TextDeltas
+from .jobs import Busy, Delta, Done, Failed, GenJob, JobCancelled, RowResult, ran_past
+
+if TYPE_CHECKING:
+    from ..engines.vllm_engine import AsyncVLLMEngine, VLLMModel
+    from ..models import LoadedModel
 
 WATCH_S = 0.25  # how often a running job checks its client and its deadline
 
 
-class LazyModel:
+class DeferredModel:
     """The transformers side of a vLLM server: the model's facts now, its weights on first use.
 
     Routes need only the facts (id, layers, hidden size, tokenizer, chat template), which
-    ``facts`` (a :class:`~steerlab.engines.vllm_engine.VLLMModel`) read from the config. Building
-    a vector needs the weights: anything else asked of this object loads them with ``load()``
-    once (a few seconds for the embedded model; on CPU by default, beside vLLM's copy).
+    ``facts`` (a :class:`~steerlab.engines.vllm_engine.VLLMModel`) read from the config. Code that
+    runs the model (a vector build, a reading) asks for the weights explicitly with
+    :meth:`loaded`, which loads them with ``load()`` once (a few seconds for the embedded model; on
+    CPU by default, beside vLLM's copy). A :class:`~steerlab.models.ModelInfo`, as is
+    :class:`~steerlab.models.LoadedModel`.
     """
 
-    def __init__(self, facts: Any, load: Callable[[], Any]) -> None:
-        self.model_id = facts.model_id
-        self.n_layers = facts.n_layers
-        self.hidden_size = facts.hidden_size
-        self.tokenizer = facts.tokenizer
-        self.has_chat_template = facts.has_chat_template
+    def __init__(self, facts: VLLMModel, load: Callable[[], LoadedModel]) -> None:
+        self.model_id: str = facts.model_id
+        self.n_layers: int = facts.n_layers
+        self.hidden_size: int = facts.hidden_size
+        self.tokenizer: Any = facts.tokenizer
+        self.has_chat_template: bool = facts.has_chat_template
         self._load = load
-        self._lm = None
+        self._lm: LoadedModel | None = None
         self._lock = threading.Lock()
 
-    def loaded(self) -> Any:
+    def loaded(self) -> LoadedModel:
         """The transformers :class:`~steerlab.models.LoadedModel` (loaded on the first call)."""
         with self._lock:
             if self._lm is None:
                 self._lm = self._load()
             return self._lm
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.loaded(), name)
 
 
 class VLLMRunner:
@@ -64,7 +66,7 @@ class VLLMRunner:
 
     def __init__(self, make_engine: Callable[[], Any], *, max_queue: int = 32) -> None:
         self._make_engine = make_engine
-        self.engine = None
+        self.engine: AsyncVLLMEngine | None = None
         self.max_queue = max_queue  # jobs in flight (vLLM queues and batches them) before 503
         self._tasks: set[asyncio.Task] = set()
         self._rows_in_flight = 0
@@ -131,12 +133,15 @@ class VLLMRunner:
         results: list[RowResult | None] = [None] * len(prepared)
         first_token: list[float] = []
         base_id = uuid.uuid4().hex
+        engine = self.engine
+        if engine is None:  # submit() refuses jobs before start()
+            raise Busy("the server is starting")
 
         async def row(r: int) -> None:
             ids: list[int] = []
-            text = TextDeltas(self.engine.tokenizer)
+            text = TextDeltas(engine.tokenizer)
             reason = None
-            async for new, finish in self.engine.stream(prepared[r], f"steerlab-{base_id}-{r}"):
+            async for new, finish in engine.stream(prepared[r], f"steerlab-{base_id}-{r}"):
                 if new:
                     if not first_token:
                         first_token.append(time.monotonic())
@@ -157,17 +162,16 @@ class VLLMRunner:
             while pending:
                 done, pending = await asyncio.wait(pending, timeout=WATCH_S, return_when=asyncio.FIRST_EXCEPTION)
                 for t in done:
-                    if t.exception() is not None:
-                        raise t.exception()
+                    if (failure := t.exception()) is not None:
+                        raise failure
                 if job.cancel.is_set():
                     self._counts["cancelled"] += 1
                     raise JobCancelled("cancelled by the client")
                 if time.monotonic() > job.deadline:
                     self._counts["timed_out"] += 1
-                    raise JobTimeout(f"generation ran past the {job.timeout_s:g} s limit; "
-                                     "ask for fewer tokens or try again when the server is less busy")
+                    raise ran_past(job)
             now = time.monotonic()
-            job.end(Done(rows=list(results), batch_jobs=jobs_together, batch_rows=rows_together,
+            job.end(Done(rows=[r for r in results if r is not None], batch_jobs=jobs_together, batch_rows=rows_together,
                          queued_s=started - job.created,
                          first_token_s=first_token[0] - job.created if first_token else None,
                          total_s=now - job.created))

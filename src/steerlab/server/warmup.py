@@ -19,7 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+    from starlette.types import Receive
+    from starlette.types import Scope
+    from starlette.types import Send
 
 RETRY_AFTER_S = 5
 
@@ -49,7 +55,7 @@ class WarmingUp:
             self._echo(line)
 
     # ---- ASGI -------------------------------------------------------------------------------
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         elif self.app is not None:
@@ -58,7 +64,7 @@ class WarmingUp:
             await self._warming(scope, send)
         # websockets: none are served; closing the scope without accepting refuses them
 
-    async def _warming(self, scope, send) -> None:  # noqa: ANN001
+    async def _warming(self, scope: Scope, send: Send) -> None:
         path = scope.get("path", "/")
         if path == "/" and scope.get("method") in ("GET", "HEAD"):
             html = resources.files(__package__).joinpath("static", "index.html").read_bytes()
@@ -66,6 +72,7 @@ class WarmingUp:
             return
         state = {"status": "failed" if self.error else "warming_up", "phase": self.phase,
                  "elapsed_s": round(time.monotonic() - self._started, 1)}
+        body: dict[str, Any]
         if path == "/health":
             body = state
         else:
@@ -75,7 +82,7 @@ class WarmingUp:
         await _respond(send, 503, json.dumps(body).encode(), "application/json",
                        [(b"retry-after", str(self.retry_after_s).encode())])
 
-    async def _lifespan(self, scope, receive, send) -> None:  # noqa: ANN001
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         while True:
             message = await receive()
@@ -90,11 +97,11 @@ class WarmingUp:
 
     def shutdown_runner(self) -> None:
         """On a stop signal: let the loaded app's runner answer in-flight requests (503) first."""
-        runner = getattr(getattr(self.app, "state", None), "runner", None)
+        runner = getattr(getattr(getattr(self.app, "state", None), "studio", None), "runner", None)
         if runner is not None and hasattr(runner, "shutdown"):
             runner.shutdown()
 
-    def _run_load(self, loop: asyncio.AbstractEventLoop, scope) -> None:  # noqa: ANN001
+    def _run_load(self, loop: asyncio.AbstractEventLoop, scope: Scope) -> None:
         try:
             app = self._load(self.note)
         except BaseException as exc:  # noqa: BLE001 - reported to the console and /health
@@ -105,10 +112,16 @@ class WarmingUp:
             return
         asyncio.run_coroutine_threadsafe(self._start_inner(app, scope), loop)
 
-    async def _start_inner(self, app, scope) -> None:  # noqa: ANN001
+    async def _start_inner(self, app: ASGIApp, scope: Scope) -> None:
         """Run ``app``'s own lifespan startup (its runner starts), then route requests to it."""
-        self._inner, self._inner_sent = asyncio.Queue(), asyncio.Queue()
-        self._inner_task = asyncio.create_task(app(scope, self._inner.get, self._inner_sent.put))
+        inner: asyncio.Queue = asyncio.Queue()
+        sent: asyncio.Queue = asyncio.Queue()
+        self._inner, self._inner_sent = inner, sent
+
+        async def run() -> None:
+            await app(scope, inner.get, sent.put)
+
+        self._inner_task = asyncio.create_task(run())
         await self._inner.put({"type": "lifespan.startup"})
         reply = await self._inner_sent.get()
         if reply["type"] != "lifespan.startup.complete":
@@ -120,16 +133,16 @@ class WarmingUp:
         self.app = app
 
     async def _stop_inner(self) -> None:
-        if self._inner_task is None or self._inner_task.done():
+        if self._inner_task is None or self._inner_task.done() or self._inner is None or self._inner_sent is None:
             return
         await self._inner.put({"type": "lifespan.shutdown"})
         try:
             await asyncio.wait_for(self._inner_sent.get(), timeout=30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._inner_task.cancel()
 
 
-async def _respond(send, status: int, body: bytes, content_type: str,  # noqa: ANN001
+async def _respond(send: Send, status: int, body: bytes, content_type: str,
                    extra: list | None = None) -> None:
     headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),
                (b"cache-control", b"no-store"), *(extra or [])]
