@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from steerlab.cli import main
-from steerlab.generation_command import steering_entries
+from steerlab.steer_syntax import steering_from_options
 from steerlab.evaluate import reference_similarity, score_texts
 from steerlab.generate import GenerationOptions, generate
 from steerlab.personas import get_persona
@@ -65,7 +65,7 @@ def test_documented_examples_read_fluently_and_on_concept(real_lm, real_vectors)
     prompts, rows, names = [], [], []
     for cmd in documented_commands():
         prompt, kw = _parse(cmd)
-        steering = steering_entries(real_lm, store, kw)
+        steering = steering_from_options(real_lm, store, kw)
         prompts += [prompt, prompt]
         rows += [[], steering]
         names.append((" ".join(cmd), [st.vector.name for st in steering]))
