@@ -152,3 +152,22 @@ def slow_lm(tiny_dir, one_torch_thread):
     handle = lm.model.register_forward_pre_hook(lambda module, args: time.sleep(SLOW_STEP_S))
     yield lm
     handle.remove()
+
+
+@pytest.fixture(scope="module")
+def tiny_studio(tiny_dir, tmp_path_factory):
+    """The studio on loopback over the tiny model and a few random vectors (one per test module)."""
+    from types import SimpleNamespace
+
+    import httpx
+    from helpers import serve_in_thread
+    from test_server import make_store
+
+    from steerlab.models import load_model
+    from steerlab.server import ServerSettings, create_app
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    store = make_store(lm, tmp_path_factory.mktemp("studio-vectors"))
+    app = create_app(lm, store, ServerSettings(batch_wait_s=0.02))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield SimpleNamespace(app=app, client=client, lm=lm)

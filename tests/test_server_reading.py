@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
-import httpx
 import pytest
-from test_server import events, greedy, make_store
+from test_server import events, greedy
 
-from steerlab.models import load_model
-from steerlab.server import ServerSettings, create_app
-from helpers import serve_in_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir, tmp_path_factory):
-    lm = load_model(str(tiny_dir), device="cpu")
-    store = make_store(lm, tmp_path_factory.mktemp("read-vectors"))
-    app = create_app(lm, store, ServerSettings(batch_wait_s=0.02))
-    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
-        yield SimpleNamespace(app=app, client=client, lm=lm)
+def server(tiny_studio):
+    return tiny_studio
 
 
 def check_row(row: dict, text: str, names: list[str]) -> None:
@@ -128,7 +119,7 @@ def test_streamed_readings_line_up_token_for_token_with_the_text(server):
     lm = server.lm
     enc = encode_prompts(lm, ["the cat sat"], False)
     ids = lm.model.generate(**enc, **generation_kwargs(lm, GenerationOptions(max_new_tokens=n, chat=False)))[0]
-    reader = server.app.state.readers.get(lm, [server.app.state.store.vectors["tabby_cats"]])
+    reader = server.app.state.studio.readers.get(lm, [server.app.state.studio.store.vectors["tabby_cats"]])
     base = reader.baselines[0]
     vec = reader.vectors[0]
     with torch.no_grad(), capture(lm, base.layers, stop_early=False) as store:
