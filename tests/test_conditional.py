@@ -102,12 +102,12 @@ def test_when_on_text_opens_a_row_gate_from_the_second_token(tiny_lm):
 def test_text_gate_follows_the_reading_of_the_reply(tiny_lm):
     """The gate opens exactly when the running mean of the reply's readings crosses the threshold."""
     from steerlab.conditional import decide, text_gate_for
-    from steerlab.generate import _eos_ids
+    from steerlab.generate import eos_ids
 
     push, cond = _push_cond()
     rows = [[resolve(Steer(push, when=When(cond, threshold=0.0, on="text")), tiny_lm.n_layers)]]
     rows, _ = decide(tiny_lm, PROMPTS[:1], rows)
-    gate = text_gate_for(tiny_lm, rows, 1, _eos_ids(tiny_lm.tokenizer))
+    gate = text_gate_for(tiny_lm, rows, 1, eos_ids(tiny_lm.tokenizer))
     seen = []
     ids = torch.tensor([[5, 6, 7]])
     with gate.watching():

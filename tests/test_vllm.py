@@ -158,11 +158,11 @@ class _Ids:
 
 
 def _hf_ids(lm, prompt, row, opts) -> list[int]:  # noqa: ANN001
-    from steerlab.generate import _eos_ids, generate
+    from steerlab.generate import eos_ids, generate
 
     s = _Ids()
     generate(lm, [prompt], [row], options=opts, streamer=s)
-    eos = set(_eos_ids(lm.tokenizer))
+    eos = set(eos_ids(lm.tokenizer))
     return [t for t in s.ids if t not in eos]
 
 

@@ -333,7 +333,7 @@ def test_out_of_memory(tiny_dir, tmp_path, monkeypatch):
     from steerlab.models import load_model
     from steerlab.server import ServerSettings, create_app
     from steerlab.server import runner as runner_mod
-    from steerlab.server.background import serve_in_thread
+    from helpers import serve_in_thread
     from steerlab.store import VectorStore
 
     # loading: the model does not fit on the device
