@@ -223,13 +223,13 @@ def test_larger_text_fits_a_1920x1080_projector(driver, real_server):
             out.panesTop = document.querySelector('.panes').getBoundingClientRect().top;
             out.fontSize = getComputedStyle(document.documentElement).fontSize;
             return out;""")
+        ARTIFACTS.mkdir(exist_ok=True)  # kept whether or not the checks below pass: look at it
+        driver.save_screenshot(str(ARTIFACTS / "studio-larger-text-1920x1080.png"))
         assert report["size"] == [1920, 1080] and report["fontSize"] == "22px", report
         assert not report["below"], report  # every persona above the fold
         assert not report["overflow"], report  # no control sticks out of its card
         assert not report["hiddenDesc"], report  # descriptions shown
         assert report["panesTop"] < 1080 * 0.6, report  # and the output panes on screen
-        ARTIFACTS.mkdir(exist_ok=True)
-        driver.save_screenshot(str(ARTIFACTS / "studio-larger-text-1920x1080.png"))
     finally:
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 def test_the_page_sends_the_api_key_from_its_field(driver, tiny_dir, tmp_path):
