@@ -220,6 +220,13 @@ def default_dose(vector: SteeringVector) -> float:
     return float(vector.extra.get("default_dose", DEFAULT_DOSE))
 
 
+def _dose_line(w: dict) -> tuple[float, float]:
+    """(strength just above dose 0, strength at dose 1) of a stored window."""
+    top = float(w["max_strength"])
+    onset = w.get("onset")
+    return DOSE_FLOOR * (min(float(onset), top) if onset is not None else top), top
+
+
 def dose_strength(w: dict, dose: float) -> float:
     """Strength for ``dose`` in a stored window: 0 at dose 0, then linear from ``lo`` to ``max_strength``.
 
@@ -227,9 +234,7 @@ def dose_strength(w: dict, dose: float) -> float:
     below the onset (measured: doses 0-0.6 showed nothing), so the slider starts just below it.
     Negative doses mirror positive ones; past 1 the line continues (into the breaking zone).
     """
-    top = float(w["max_strength"])
-    onset = w.get("onset")
-    lo = DOSE_FLOOR * (min(float(onset), top) if onset is not None else top)
+    lo, top = _dose_line(w)
     if dose == 0:
         return 0.0
     d = abs(dose)
@@ -238,9 +243,7 @@ def dose_strength(w: dict, dose: float) -> float:
 
 def strength_dose(w: dict, strength: float) -> float:
     """The inverse of :func:`dose_strength` for a positive strength (clamped to 0.05..1)."""
-    top = float(w["max_strength"])
-    onset = w.get("onset")
-    lo = DOSE_FLOOR * (min(float(onset), top) if onset is not None else top)
+    lo, top = _dose_line(w)
     d = (strength - lo) / (top - lo) if top > lo else 1.0
     return round(min(1.0, max(0.05, d)), 3)
 
