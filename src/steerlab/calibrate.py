@@ -260,7 +260,7 @@ def measure(lm: LoadedModel, vec: SteeringVector, *, operators: Sequence[str] | 
     vec = with_statistics(vec, means, sds)
     if "base_entropy" not in vec.extra:  # first: the governor's thresholds sit above it (governor.py)
         *_, entropy = _replies(lm, neutral_prompts(CALIBRATION_PROMPTS), [[]] * CALIBRATION_PROMPTS,
-                               GenerationOptions(max_new_tokens=NEW_TOKENS, repetition_penalty=1.2))
+                               GenerationOptions(max_new_tokens=NEW_TOKENS, repetition_penalty=REPETITION_PENALTY))
         vec = vec.with_defaults(base_entropy=round(sum(entropy) / len(entropy), 3))
     windows = []
     for op in ops:
