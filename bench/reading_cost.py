@@ -63,9 +63,10 @@ def main() -> None:
 def streamed(lm, vec, reader, prompts, opts, repeats: int) -> None:  # noqa: ANN001
     """Generation with per-token readings from the batch vs without, paired and interleaved.
 
-    Wall-clock pairs are noisy on a shared CPU, so the added work is also timed where it runs: the
-    watch hooks' projection (the same computation as ``hooks.watch``, timed here) and each step's
-    ``LiveScores.scores``, as a share of the same generation's time.
+    Wall-clock pairs are noisy on a shared CPU, so the added work is also timed where it runs:
+    ``hooks.watch``'s own hooks (bracketed by a hook registered before them and one after, so the
+    share also counts those two calls) and each step's ``LiveScores.scores``, as a share of the
+    same generation's time.
     """
     from contextlib import contextmanager
 
@@ -73,27 +74,29 @@ def streamed(lm, vec, reader, prompts, opts, repeats: int) -> None:  # noqa: ANN
 
     from steerlab import generate
     from steerlab.conditional import LiveScores
+    from steerlab.hooks import watch
 
     live = LiveScores(reader.vectors, reader.baselines)
     spent = [0.0]
 
     @contextmanager
-    def timed_watch():  # hooks.watch's computation, with a clock around it
-        table = {x: d.to(device=lm.device, dtype=torch.float32).T for x, d in live.dirs.items()}
-        store: dict = {}
+    def timed_watch():  # hooks.watch itself, between a hook that starts a clock and one that stops it
+        started: dict[int, float] = {}
 
-        def make(layer: int):  # noqa: ANN202
+        def start(layer: int):  # noqa: ANN202
+            return lambda module, args, output: started.__setitem__(layer, time.perf_counter())
+
+        def stop(layer: int):  # noqa: ANN202
             def hook(module, args, output):  # noqa: ANN001, ANN202
-                t = time.perf_counter()
-                hidden = output[0] if isinstance(output, tuple) else output
-                store[layer] = hidden[:, -1].float() @ table[layer]
-                spent[0] += time.perf_counter() - t
+                spent[0] += time.perf_counter() - started[layer]
 
             return hook
 
-        handles = [lm.layers[x].register_forward_hook(make(x)) for x in table]
+        handles = [lm.layers[x].register_forward_hook(start(x)) for x in live.dirs]  # forward hooks run in order
         try:
-            yield store
+            with watch(lm, live.dirs) as store:
+                handles += [lm.layers[x].register_forward_hook(stop(x)) for x in live.dirs]
+                yield store
         finally:
             for h in handles:
                 h.remove()
