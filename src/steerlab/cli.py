@@ -3,7 +3,7 @@
 \b
 Quick start (after `source .venv/bin/activate`, or as .venv/bin/steerlab):
     steerlab build                          # built-in personas -> vectors folder, dose windows measured
-    steerlab generate "Plan my weekend" --steer tabby_cats --dose 0.8
+    steerlab generate "Write a short note to a friend about your week." --steer tabby_cats --dose 1
     steerlab compare "Plan my weekend" --steer weeknd:dose=0.5 --steer toronto:dose=0.5
     steerlab list                           # vectors and their metadata
     steerlab serve                          # web studio on http://127.0.0.1:5050
