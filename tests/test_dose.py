@@ -12,6 +12,7 @@ from helpers import random_vector
 from steerlab import GenerationOptions, Steer, SteeringError, generate
 from steerlab.calibrate import Window, _crossing, calibrate, with_window
 from steerlab.generate import governor_for
+from steerlab.hooks import capture
 from steerlab.governor import HIGH, HIGH_MARGIN, LOW, LOW_MARGIN, Governor, _loops
 from steerlab.spec import DOSE_FLOOR, blend_push, dose_strength, resolve, resolve_rows, strength_dose
 from steerlab.steer_syntax import parse_steer
@@ -96,6 +97,32 @@ def test_calibrate_measures_a_ladder_and_stores_the_window(tiny_lm):
     assert r.strength == pytest.approx(dose_strength(stored_w, 0.5))
     top, lo = stored_w["max_strength"], DOSE_FLOOR * min(stored_w["onset"] or stored_w["max_strength"], stored_w["max_strength"])
     assert r.strength == pytest.approx(lo + 0.5 * (top - lo), rel=1e-3)
+
+
+def test_scoring_reads_each_prompt_once_and_matches_a_full_forward(tiny_lm):
+    """calibrate._score runs the prompts once and reuses their cache for every row: the perplexities
+    and readings must be those of a plain full forward over each row."""
+    from steerlab.calibrate import _replies, _score
+    from steerlab.generate import GenerationOptions
+
+    vec = random_vector(tiny_lm, range(tiny_lm.n_layers))
+    prompts = ["the cat sat", "a dog ran far away today"]  # different lengths: left padding
+    rows = [[]] * 2 + [[Steer(vec, strength=s, layers=(1,))] for s in (1.0, 8.0) for _ in prompts]
+    ids, mask, width, _ = _replies(tiny_lm, prompts * 3, rows, GenerationOptions(max_new_tokens=6))
+    means, sds = {1: 0.1, 2: -0.2}, {1: 1.5, 2: 0.5}
+    replies = [r[width:][mask[i, width:]].tolist() for i, r in enumerate(ids)]
+    ppl, reading = _score(tiny_lm, vec, (1, 2), prompts * 3, replies, means, sds, batch_size=4)
+    m = mask.long()
+    with capture(tiny_lm, [1, 2], stop_early=False) as store:
+        logits = tiny_lm.model(input_ids=ids, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp_min(0)).logits
+    logp = torch.log_softmax(logits[:, width - 1 : -1].float(), -1).gather(-1, ids[:, width:, None])[..., 0]
+    rm = mask[:, width:].float()
+    want_ppl = torch.exp(-(logp * rm).sum(-1) / rm.sum(-1).clamp_min(1))
+    z = sum(((store[x][:, width:].float() @ (vec.directions[x] / vec.directions[x].norm())) - means[x]) / sds[x]
+            for x in (1, 2)) / 2
+    want_reading = (z * rm).sum(-1) / rm.sum(-1).clamp_min(1)
+    assert ppl == pytest.approx(want_ppl.tolist(), rel=1e-4)
+    assert reading == pytest.approx(want_reading.tolist(), rel=1e-4, abs=1e-5)
 
 
 def test_governor_lowers_breaking_rows_and_restores_them():

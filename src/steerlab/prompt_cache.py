@@ -113,7 +113,7 @@ def perplexities(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str], 
         if max(n_text) == 0:
             out.extend(float("nan") for _ in ts)
             continue
-        logp = _cached_logp(lm, cache, ps, t_ids) if cache is not None else _full_logp(lm, ps, t_ids, use_chat)
+        logp = cached_reply_logp(lm, cache, ps, t_ids) if cache is not None else _full_logp(lm, ps, t_ids, use_chat)
         for r, n in enumerate(n_text):
             out.append(math.exp(-float(logp[r, :n].mean())) if n else float("nan"))
     return out
@@ -139,12 +139,15 @@ def _full_logp(lm: LoadedModel, prompts: list[str], t_ids: list[list[int]], use_
     return out
 
 
-def _cached_logp(lm: LoadedModel, cache: PromptCache, prompts: list[str], t_ids: list[list[int]]) -> torch.Tensor:
-    """As :func:`_full_logp`, running only the reply tokens on top of the cached prompts."""
+def cached_reply_logp(lm: LoadedModel, cache: PromptCache, prompts: Sequence[str],
+                      t_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Log-prob of each reply token ``[B, T]`` (left-aligned, 0 past a reply's end) under ``lm`` as it
+    is, running only the reply tokens on top of the cached prompts. A ``capture`` around the call
+    sees the reply tokens' residuals, laid out the same way."""
     kv, p_mask, p_len, first, _ = cache.rows(prompts)
     width = max(len(t) for t in t_ids)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([t + [pad] * (width - len(t)) for t in t_ids], device=lm.device)
+    ids = torch.tensor([list(t) + [pad] * (width - len(t)) for t in t_ids], device=lm.device)
     t_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in t_ids], device=lm.device)
     mask = torch.cat([p_mask, t_mask], dim=1)
     pos = p_len[:, None] + torch.arange(width, device=lm.device)[None]
