@@ -73,6 +73,10 @@ def test_grade_points_and_letters():
     worse, lost = dr.grade_points(auc=0.8, consistency=0.1, stability=0.8, outliers=4, n_pairs=40, confounds=2)
     assert worse < 60 and len(lost) == 5
     assert [dr.letter(s) for s in (95, 85, 75, 65, 10)] == ["A", "B", "C", "D", "F"]
+    # every check at its worst loses 120 points: the score stops at 0 and is an F (it once raised StopIteration
+    # and failed the page's build of a 5-pair set on the tiny model)
+    hopeless, lost = dr.grade_points(auc=0.5, consistency=-0.5, stability=0.1, outliers=20, n_pairs=20, confounds=3)
+    assert hopeless == 0.0 and dr.letter(hopeless) == "F" and len(lost) == 5
 
 
 def test_diagnose_names_the_pairs_to_drop_with_their_lines():

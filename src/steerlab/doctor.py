@@ -182,14 +182,14 @@ def grade_points(*, auc: float, consistency: float, stability: float, outliers: 
         (min(15.0, max(0.0, 0.97 - stability) * 150), f"bootstrap stability {stability:.2f}"),
         (min(20.0, 7.0 * confounds), f"{confounds} confound(s)"),
     ]
-    score = 100.0 - sum(p for p, _ in lost)
+    score = max(0.0, 100.0 - sum(p for p, _ in lost))  # the caps add up to 120: a hopeless set scores 0
     if outliers or confounds:  # an A means nothing concrete is left to fix
         score = min(score, 89.0)
     return score, [why for p, why in lost if p >= 0.5]
 
 
 def letter(score: float) -> str:
-    return next(g for floor, g in GRADES if score >= floor)
+    return next((g for floor, g in GRADES if score >= floor), "F")
 
 
 def positive_lines(source: str, n: int) -> list[int | None]:
