@@ -81,6 +81,7 @@ class Build:
     error: str | None = None
     vector: dict[str, Any] | None = None
     doctor: dict[str, Any] | None = None  # the contrast set's grade and advice (steerlab.doctor.checkup)
+    persona: Persona | None = field(default=None, repr=False)  # the texts built from (GET /vectors/{name}/profile)
     created: float = field(default_factory=time.time)
     finished: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -112,6 +113,11 @@ class Builds:
         with self._lock:
             return next((b for b in self._items.values() if b.name == name and not b.final), None)
 
+    def finished(self, name: str) -> list[Build]:
+        """The builds of ``name`` that finished as ``done``, oldest first."""
+        with self._lock:
+            return [b for b in self._items.values() if b.name == name and b.state == "done"]
+
     def active(self) -> list[Build]:
         with self._lock:
             return [b for b in self._items.values() if not b.final]
@@ -130,12 +136,13 @@ class Builds:
 
         ``model()`` gives the model to build on; it is called on the build thread.
         """
-        build = Build(id=uuid.uuid4().hex[:12], name=req.name, total=len(req.positive) + len(req.negative))
         persona = Persona(
             name=req.name, description=req.description, keywords=(), positive=tuple(req.positive),
             negative=tuple(req.negative), default_layers=tuple(req.default_layers or ()),
             default_strength=req.default_strength, method=req.method, source="POST /vectors",
         )
+        build = Build(id=uuid.uuid4().hex[:12], name=req.name, total=len(req.positive) + len(req.negative),
+                      persona=persona)
 
         def progress(done: int, total: int) -> None:
             build.done, build.total = done, total
