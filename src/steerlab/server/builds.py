@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..doctor import checkup
+from ..doctor import as_built, checkup
 from ..personas import Persona, build_persona
 from ..store import VectorStore
 from .schemas import BuildRequest
@@ -154,10 +154,12 @@ class Builds:
                 if build.cancel.is_set():
                     raise BuildCancelled
                 build.state = "running"
-                vec = build_persona(model(), persona, batch_size=batch_size, progress=False, on_progress=progress)
+                pooled: list[tuple[dict, dict]] = []  # the build's activations: the doctor reads no text again
+                vec = build_persona(model(), persona, batch_size=batch_size, progress=False, on_progress=progress,
+                                    on_pooled=lambda pos, neg: pooled.append((pos, neg)))
                 if build.cancel.is_set():
                     raise BuildCancelled
-                build.doctor = checkup(model(), persona, vec.active_layers, batch_size=batch_size)
+                build.doctor = checkup(model(), as_built(persona, vec), vec.active_layers, pooled=pooled[-1])
                 store.add(vec, overwrite=req.overwrite)
                 build.vector = describe(req.name, vec)
                 build.state = "done"
