@@ -41,7 +41,7 @@ def test_profile_of_a_persona_vector_is_computed_once(tiny_studio):
 
 
 def test_profile_of_a_page_build_uses_the_builds_texts(tiny_studio):
-    c, studio = tiny_studio.client, tiny_studio.app.state.studio
+    c = tiny_studio.client
     body = {"name": "cats_here", "positive": [p for p, _ in PAIRS], "negative": [n for _, n in PAIRS],
             "default_layers": [1]}
     build = c.post("/vectors", json=body).json()
