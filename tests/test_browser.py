@@ -172,6 +172,7 @@ def test_layer_profile_in_the_page(driver, real_server):
     assert note.startswith(f"Best held-out AUC {best['auc']:.2f} at layer {best['layer']} (of layers 6-24"), note
     assert "pairs from persona file tabby_cats.toml" in note
     assert data["texts_are_the_vectors"] is True  # the real vectors are built from the shipped personas
+    print(f"profile of tabby_cats computed in {data['seconds']} s")
     box = card.find_element(By.CSS_SELECTOR, ".profile svg").rect
     assert box["width"] > 200 and box["height"] > 80  # drawn at a readable size, inside the card
     assert box["x"] + box["width"] <= card.rect["x"] + card.rect["width"] + 0.5
@@ -180,9 +181,21 @@ def test_layer_profile_in_the_page(driver, real_server):
     driver.save_screenshot(str(ARTIFACTS / "profile.png"))
 
 
-def test_persona_form_shows_the_doctor_grade(driver, real_server):
+@pytest.fixture
+def empty_real_server(real_lm, tmp_path):
+    """The studio on the real model with an empty vectors folder (what a test builds there stays there)."""
+    from helpers import serve_in_thread
+
+    from steerlab.server import create_app
+    from steerlab.store import VectorStore
+
+    with serve_in_thread(create_app(real_lm, VectorStore(tmp_path / "vectors", real_lm))) as url:
+        yield url
+
+
+def test_persona_form_shows_the_doctor_grade(driver, empty_real_server):
     """Building a persona from the page grades its contrast set (steerlab.doctor.checkup) and shows the
-    grade and the advice next to "Built NAME"."""
+    grade and the advice under "Built NAME"."""
     import re
 
     from selenium.webdriver.common.by import By
@@ -195,8 +208,9 @@ def test_persona_form_shows_the_doctor_grade(driver, real_server):
              ("Ahoy, me hearties, grog for all!", "Hello, friends, drinks for everyone."),
              ("Yo ho, we sail at dawn, me buckos.", "Okay, we leave at dawn, folks.")]
     wait = WebDriverWait(driver, 60)
-    driver.get(real_server)
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".persona[data-name=tabby_cats]"))
+    driver.get(empty_real_server)
+    wait.until(lambda d: "No vectors yet" in d.find_element(By.ID, "personas").text)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#new-layer option"))
     driver.find_element(By.CSS_SELECTOR, "#create-card > summary").click()
     driver.find_element(By.ID, "new-name").send_keys("pirate_page")
     driver.find_element(By.ID, "new-desc").send_keys("Talks like a pirate")

@@ -5,7 +5,8 @@ the vector store, the settings, the engine (a :class:`~steerlab.server.runner.Ru
 and stopped by the app's lifespan), the builds and the readers. There is no module-level state:
 two apps in one process are independent. Routes live in routers over that state:
 :mod:`.pages_api` (page, health, examples), :mod:`.generation_api` (generate, compare),
-:mod:`.vectors_api` (vectors, builds), :mod:`.reading_api` (read, lens), :mod:`.profile_api` (layer profile), :mod:`.openai_api` (/v1).
+:mod:`.vectors_api` (vectors, builds), :mod:`.reading_api` (read, lens), :mod:`.profile_api` (layer
+profile), :mod:`.openai_api` (/v1).
 This module also owns the error shape: ``{"error": message, "detail": ...}`` (OpenAI's under /v1).
 """
 

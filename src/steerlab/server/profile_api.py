@@ -17,6 +17,7 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -41,18 +42,21 @@ class Profiles:
     def __init__(self, limit: int = 32) -> None:
         self.limit = limit
         self.computed = 0  # how many profiles were computed (each vector object once)
-        self._cache: OrderedDict[tuple[str, int, str], Future] = OrderedDict()
+        # key: (name, id(vector), texts' hash); the entry keeps the vector so its id cannot be reused meanwhile
+        self._cache: OrderedDict[tuple[str, int, str], tuple[SteeringVector, Future]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, int, str], start: Any) -> Future:
-        """The answer's future for ``key``; ``start()`` submits the work when there is none yet."""
+    def get(self, vec: SteeringVector, texts_hash: str, start: Callable[[], Future]) -> Future:
+        """The answer's future for ``vec`` read on texts hashing to ``texts_hash``; ``start()``
+        submits the work when there is none yet."""
+        key = (vec.name, id(vec), texts_hash)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key]
+                return self._cache[key][1]
             future = start()
             self.computed += 1
-            self._cache[key] = future
+            self._cache[key] = (vec, future)
             while len(self._cache) > self.limit:
                 self._cache.popitem(last=False)
         future.add_done_callback(lambda f: self._forget(key, f))
@@ -63,7 +67,7 @@ class Profiles:
         if not future.cancelled() and future.exception() is None:
             return
         with self._lock:
-            if self._cache.get(key) is future:
+            if key in self._cache and self._cache[key][1] is future:
                 del self._cache[key]
 
 
@@ -95,7 +99,6 @@ async def profile(name: str, request: Request) -> dict[str, Any]:
     check_read([name], state.store)
     vec = state.store.vectors[name]
     persona, source, own = contrast_texts(state, name, vec)
-    key = (name, id(vec), contrast_hash(persona.positive, persona.negative))
 
     def work() -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -104,8 +107,10 @@ async def profile(name: str, request: Request) -> dict[str, Any]:
                 "pairs": min(len(persona.positive), len(persona.negative)), "texts": source,
                 "texts_are_the_vectors": own, "seconds": round(time.perf_counter() - t0, 2)}
 
+    texts_hash = contrast_hash(persona.positive, persona.negative)
     try:
+        future = state.profiles.get(vec, texts_hash, lambda: state.build_call(work))
         # shielded: a client that goes away must not cancel the computation other requests wait for
-        return await asyncio.shield(asyncio.wrap_future(state.profiles.get(key, lambda: state.build_call(work))))
+        return await asyncio.shield(asyncio.wrap_future(future))
     except Exception as exc:  # Busy (shutting down), or a SteeringError (e.g. under 4 pairs)
         raise bridge.http_error(exc) from None
