@@ -146,6 +146,96 @@ def test_concept_highlighting_in_the_page(driver, real_server):
     driver.save_screenshot(str(ARTIFACTS / "glassbox.png"))
 
 
+def test_layer_profile_in_the_page(driver, real_server):
+    """A persona card's "Where it lives" draws the layer profile (GET /vectors/{name}/profile) as an
+    inline SVG: one AUC point per layer, the active layers shaded, the numbers on hover and in words.
+    Screenshot: ``artifacts/profile.png``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(real_server)
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".persona[data-name=tabby_cats]"))
+    card = driver.find_element(By.CSS_SELECTOR, ".persona[data-name=tabby_cats]")
+    card.find_element(By.CSS_SELECTOR, ".profile summary").click()
+    WebDriverWait(driver, 300).until(lambda d: card.find_elements(By.CSS_SELECTOR, ".profile svg circle.auc"))
+    data = driver.execute_script("return fetch('/vectors/tabby_cats/profile').then((r) => r.json())")
+    dots = card.find_elements(By.CSS_SELECTOR, ".profile svg circle.auc")
+    assert len(dots) == len(data["layers"]) == 30
+    assert len(card.find_elements(By.CSS_SELECTOR, ".profile svg circle.cos")) == 29  # the last layer has no next
+    assert len(card.find_elements(By.CSS_SELECTOR, ".profile svg rect.active")) == len(data["active_layers"])
+    first = data["layers"][0]
+    assert dots[0].find_element(By.TAG_NAME, "title").get_attribute("textContent") == \
+        f"layer 0: held-out AUC {first['auc']:.3f}"
+    band = [r for r in data["layers"] if 6 <= r["layer"] <= 24]  # 20-80 % of 30 layers, as the doctor
+    best = max(band, key=lambda r: r["auc"])
+    note = card.find_element(By.CSS_SELECTOR, ".profile-note").text
+    assert note.startswith(f"Best held-out AUC {best['auc']:.2f} at layer {best['layer']} (of layers 6-24"), note
+    assert "pairs from persona file tabby_cats.toml" in note
+    assert data["texts_are_the_vectors"] is True  # the real vectors are built from the shipped personas
+    print(f"profile of tabby_cats computed in {data['seconds']} s")
+    box = card.find_element(By.CSS_SELECTOR, ".profile svg").rect
+    assert box["width"] > 200 and box["height"] > 80  # drawn at a readable size, inside the card
+    assert box["x"] + box["width"] <= card.rect["x"] + card.rect["width"] + 0.5
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", card.find_element(By.CSS_SELECTOR, ".profile"))
+    driver.save_screenshot(str(ARTIFACTS / "profile.png"))
+
+
+@pytest.fixture
+def empty_real_server(real_lm, tmp_path):
+    """The studio on the real model with an empty vectors folder (what a test builds there stays there)."""
+    from helpers import serve_in_thread
+
+    from steerlab.server import create_app
+    from steerlab.store import VectorStore
+
+    with serve_in_thread(create_app(real_lm, VectorStore(tmp_path / "vectors", real_lm))) as url:
+        yield url
+
+
+def test_persona_form_shows_the_doctor_grade(driver, empty_real_server):
+    """Building a persona from the page grades its contrast set (steerlab.doctor.checkup) and shows the
+    grade and the advice under "Built NAME"."""
+    import re
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pairs = [("Arr, the sea be calm today, matey.", "Well, the sea is calm today, friend."),
+             ("Hoist the sails, ye scallywags!", "Please raise the sails, everyone."),
+             ("Shiver me timbers, a storm be comin'.", "Goodness, a storm is coming."),
+             ("Avast! Bury the treasure on the isle.", "Stop! Hide the money on the island."),
+             ("Ahoy, me hearties, grog for all!", "Hello, friends, drinks for everyone."),
+             ("Yo ho, we sail at dawn, me buckos.", "Okay, we leave at dawn, folks.")]
+    wait = WebDriverWait(driver, 60)
+    driver.get(empty_real_server)
+    wait.until(lambda d: "No vectors yet" in d.find_element(By.ID, "personas").text)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#new-layer option"))
+    driver.find_element(By.CSS_SELECTOR, "#create-card > summary").click()
+    driver.find_element(By.ID, "new-name").send_keys("pirate_page")
+    driver.find_element(By.ID, "new-desc").send_keys("Talks like a pirate")
+    driver.find_element(By.ID, "new-pos").send_keys("\n".join(p for p, _ in pairs))
+    driver.find_element(By.ID, "new-neg").send_keys("\n".join(n for _, n in pairs))
+    driver.find_element(By.ID, "create-btn").click()
+    WebDriverWait(driver, 400).until(lambda d: "Built pirate_page" in d.find_element(By.ID, "build-text").text
+                                     or d.find_element(By.ID, "create-error").is_displayed())
+    assert not driver.find_element(By.ID, "create-error").is_displayed(), driver.find_element(By.ID, "create-error").text
+    doctor = driver.find_element(By.ID, "build-doctor")
+    assert doctor.is_displayed()
+    head = doctor.find_element(By.TAG_NAME, "strong").text
+    found = re.fullmatch(r"Doctor: grade ([A-F]) \((\d+(?:\.\d+)?)/100 at layer 15\)", head)  # the form's default layer
+    assert found, head
+    assert 0 <= float(found.group(2)) <= 100
+    advice = [li.text for li in doctor.find_elements(By.TAG_NAME, "li")]
+    assert "Only 6 pairs: 32 or more give a steadier direction." in advice, advice  # the advice for a small set
+    # these positives are exclamations far more often than the negatives: the doctor says so
+    assert any(a.startswith("The positives are exclamations far more often") for a in advice), advice
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".persona[data-name=pirate_page]"))  # and it is usable
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.execute_script("document.getElementById('build-text').scrollIntoView({block: 'center'})")
+    driver.save_screenshot(str(ARTIFACTS / "persona-doctor.png"))
+
+
 def _foreign_resources(driver, *, but_images: bool = False) -> list[str]:  # noqa: ANN001
     return driver.execute_script(
         "return performance.getEntriesByType('resource')"

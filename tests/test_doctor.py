@@ -73,6 +73,10 @@ def test_grade_points_and_letters():
     worse, lost = dr.grade_points(auc=0.8, consistency=0.1, stability=0.8, outliers=4, n_pairs=40, confounds=2)
     assert worse < 60 and len(lost) == 5
     assert [dr.letter(s) for s in (95, 85, 75, 65, 10)] == ["A", "B", "C", "D", "F"]
+    # every check at its worst loses 120 points: the score stops at 0 and is an F (it once raised StopIteration
+    # and failed the page's build of a 5-pair set on the tiny model)
+    hopeless, lost = dr.grade_points(auc=0.5, consistency=-0.5, stability=0.1, outliers=20, n_pairs=20, confounds=3)
+    assert hopeless == 0.0 and dr.letter(hopeless) == "F" and len(lost) == 5
 
 
 def test_diagnose_names_the_pairs_to_drop_with_their_lines():
@@ -114,3 +118,38 @@ def test_doctor_on_a_tiny_model(tiny_lm):
         dr.doctor(tiny_lm, pos, neg[:-1])
     with pytest.raises(SteeringError, match="at least 4 pairs"):
         dr.doctor(tiny_lm, pos[:3], neg[:3])
+
+
+def test_the_builds_own_activations_give_the_doctors_answer_without_a_pass(tiny_lm):
+    """``build_vector(on_pooled=...)`` hands its pooled activations to the doctor (what ``steerlab build``
+    and POST /vectors do): the diagnosis equals the doctor's own passes, and no forward pass runs."""
+    from steerlab.evaluate import layer_signal, signal_of_pooled
+    from steerlab.extract import build_vector
+    from steerlab.personas import Persona
+
+    pos = ["the cat sat on the mat and purred", "a cat in the warm sun", "the cat purred", "my cat sat",
+           "the cat is warm", "a cat by the lake"]
+    neg = ["the man sat on the mat and talked", "a car in the warm sun", "the man talked", "my car sat",
+           "the car is warm", "a car by the lake"]
+    got: list = []
+    vec = build_vector(tiny_lm, pos, neg, layers=range(tiny_lm.n_layers), default_layers=[2], progress=False,
+                       on_pooled=lambda p, n: got.append((p, n)))
+    (pooled,) = got
+    assert sorted(pooled[0]) == vec.layers and pooled[0][2].shape == (6, tiny_lm.hidden_size)
+    by_pass = layer_signal(tiny_lm, pos, neg, vec.layers)
+    assert [(s.layer, round(s.auc, 5), round(s.effect, 4)) for s in signal_of_pooled(*pooled)] == \
+        [(s.layer, round(s.auc, 5), round(s.effect, 4)) for s in by_pass]
+    persona = Persona(name="cats", description="", keywords=("cat",), positive=tuple(pos), negative=tuple(neg),
+                      default_layers=(2,))
+    passes = []
+    handle = tiny_lm.model.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        reused = dr.checkup(tiny_lm, dr.as_built(persona, vec), vec.active_layers, pooled=pooled)
+    finally:
+        handle.remove()
+    assert passes == []  # no text read again
+    fresh = dr.doctor_persona(tiny_lm, persona)  # the full doctor: its own pass over every layer
+    assert reused == {"grade": fresh.grade, "score": round(fresh.score, 1), "advice": list(fresh.advice),
+                      "graded_layers": [2]}
+    with pytest.raises(SteeringError, match="not those of these 5 pairs"):
+        dr.doctor(tiny_lm, pos[:5], neg[:5], pooled=pooled)

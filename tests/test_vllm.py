@@ -102,6 +102,18 @@ def test_payload_errors():
         steering_extra_args([vec], n_layers=8, hidden_size=8, positions="prompt")  # type: ignore[arg-type]
 
 
+def test_conditions_vllm_cannot_honour_are_refused_in_one_line():
+    from steerlab.spec import When, resolve
+
+    vec, other = _vector(), _vector(seed=1)
+    with pytest.raises(SteeringError, match=r"^v: a condition on the text \(v, on=text\) .* use on=prompt"):
+        steering_vectors([Steer(vec, when=When(other, 1.0, on="text"))], n_layers=8, hidden_size=8)
+    with pytest.raises(SteeringError, match="not decided yet"):  # it would otherwise steer every row
+        steering_extra_args([resolve(Steer(vec, when=When(other, 1.0)), 8)], n_layers=8, hidden_size=8)
+    decided = resolve(Steer(vec, when=When(other, 1.0, value=1.7)), 8)  # fired: steers as plain 'add'
+    assert len(steering_vectors([decided], n_layers=8, hidden_size=8)) == 2
+
+
 def test_wire_form_round_trips_through_vllm_lens():
     extra = steering_extra_args([(_vector(), 0.5)], n_layers=8, hidden_size=8)
     xargs = vllm_xargs(extra)

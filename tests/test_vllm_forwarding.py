@@ -79,3 +79,22 @@ def test_chat_ignores_them_and_the_engine_never_sees_them(served):
     assert isinstance(options, GenerationOptions)
     assert {f.name for f in dataclasses.fields(options)} == {f.name for f in dataclasses.fields(GenerationOptions)}
     assert PAYLOAD not in repr(engine.prepared)
+
+
+def test_a_condition_on_the_text_is_refused_before_generating(served):
+    """vLLM adds a fixed vector per request: it cannot switch an entry on and off as the reply goes.
+    A text condition is a 400 with the reason, and the engine never sees the request; a prompt
+    condition is decided before (it did not fire here: the row goes out unsteered)."""
+    client, engine = served
+    before = len(engine.prepared)
+    entry = {"vector": "weeknd", "when": {"vector": "weeknd", "threshold": 1.0, "on": "text"}}
+    r = client.post("/generate", json={"prompt": "hi", "max_length": 2, "steering": [entry]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == ("weeknd: a condition on the text (weeknd, on=text) re-checks the reply at every "
+                                 "step; vllm-lens only adds a fixed vector: use on=prompt on the vLLM engine, or "
+                                 "the transformers engine")
+    assert len(engine.prepared) == before
+    entry["when"] = {"vector": "weeknd", "threshold": 50.0, "on": "prompt"}
+    r = client.post("/generate", json={"prompt": "hi", "max_length": 2, "steering": [entry]})
+    assert r.status_code == 200, r.text
+    assert r.json()["applied"][0]["fired"] is False and engine.prepared[-1][1] == []

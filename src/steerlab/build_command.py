@@ -15,6 +15,8 @@ import click
 from .options import AliasedOption, load_lm, model_options, open_store, vectors_option
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .models import LoadedModel
     from .vectors import SteeringVector
 
@@ -87,13 +89,15 @@ def build(personas: tuple[str, ...], out_dir: Path | None, layer_spec: str, meth
             click.echo(f"\n{persona.name}: exists already (use --force to rebuild)")
         else:
             click.echo(f"\nbuilding {persona.name} ({i}/{len(chosen)}) from {len(persona.positive)} pairs...")
+            pooled: list[tuple[dict, dict]] = []  # the build's activations, for the doctor (no second pass)
             vec = build_persona(lm, persona, layers=None if layer_spec == "all" else layers, batch_size=batch_size,
-                                max_length=max_length, **overrides)
+                                max_length=max_length, on_pooled=_keep(pooled), **overrides)
             click.echo(f"{persona.name}: built ({vec.method}, pooling {vec.pooling})")
             if do_doctor:
-                from .doctor import checkup, checkup_lines
+                from .doctor import as_built, checkup, checkup_lines
 
-                click.echo("\n".join("  " + x for x in checkup_lines(checkup(lm, persona, vec.active_layers))))
+                report = checkup(lm, as_built(persona, vec), vec.active_layers, pooled=pooled[-1])
+                click.echo("\n".join("  " + x for x in checkup_lines(report)))
             if do_calibrate:
                 vec = _calibrate(lm, vec)
             store.add(vec, overwrite=True)
@@ -105,6 +109,11 @@ def build(personas: tuple[str, ...], out_dir: Path | None, layer_spec: str, meth
         click.echo(f"  base:    {_snip(base)}")
         click.echo(f"  steered: {_snip(steered)}")
         click.echo(f"  {'saved:  ' if built else 'kept:   '} {path}")
+
+
+def _keep(into: list) -> Callable[[dict, dict], None]:
+    """An ``on_pooled`` callback that keeps the build's pooled activations in ``into``."""
+    return lambda pos, neg: into.append((pos, neg))
 
 
 def _calibrate(lm: LoadedModel, vec: SteeringVector) -> SteeringVector:

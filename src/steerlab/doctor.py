@@ -1,7 +1,8 @@
 """The contrast-set doctor: grade a set of positive/negative pairs before any generation.
 
-Forward passes only (one to pool every layer, plus the held-out layer signal of
-:func:`steerlab.evaluate.layer_signal`). What it measures, per layer:
+Forward passes only: one pooled pass over the texts at every layer examined, or none when a build
+hands over its own (``pooled``); the held-out layer signal comes from the same activations
+(:func:`steerlab.evaluate.signal_of_pooled`). What it measures, per layer:
 
 * **separability**: cross-validated AUC of held-out positives vs negatives along the direction;
 * **consistency**: mean cosine of each pair's difference ``pos_i - neg_i`` to the mean difference
@@ -33,6 +34,7 @@ from .errors import SteeringError
 if TYPE_CHECKING:
     from .models import LoadedModel
     from .personas import Persona
+    from .vectors import SteeringVector
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z']*")
 _STOP = set("a an the and or but of to in on at for with by from as is are was were be been it its this that "
@@ -182,14 +184,14 @@ def grade_points(*, auc: float, consistency: float, stability: float, outliers: 
         (min(15.0, max(0.0, 0.97 - stability) * 150), f"bootstrap stability {stability:.2f}"),
         (min(20.0, 7.0 * confounds), f"{confounds} confound(s)"),
     ]
-    score = 100.0 - sum(p for p, _ in lost)
+    score = max(0.0, 100.0 - sum(p for p, _ in lost))  # the caps add up to 120: a hopeless set scores 0
     if outliers or confounds:  # an A means nothing concrete is left to fix
         score = min(score, 89.0)
     return score, [why for p, why in lost if p >= 0.5]
 
 
 def letter(score: float) -> str:
-    return next(g for floor, g in GRADES if score >= floor)
+    return next((g for floor, g in GRADES if score >= floor), "F")
 
 
 def positive_lines(source: str, n: int) -> list[int | None]:
@@ -267,9 +269,16 @@ def diagnose(pos: dict[int, torch.Tensor], neg: dict[int, torch.Tensor], aucs: d
 def doctor(lm: LoadedModel, positive: Sequence[str], negative: Sequence[str], *, layers: Sequence[int] | None = None,
            grade_layers: Sequence[int] | None = None, pooling: str = "mean", chat: bool = False,
            method: str = "mean_diff", concept_words: Sequence[str] = (), lines: Sequence[int | None] | None = None,
-           name: str = "contrast set", batch_size: int = 16) -> Diagnosis:
-    """Diagnose paired contrast texts on ``lm`` at ``layers`` (default: every layer)."""
-    from .evaluate import layer_signal
+           name: str = "contrast set", batch_size: int = 16,
+           pooled: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None) -> Diagnosis:
+    """Diagnose paired contrast texts on ``lm`` at ``layers`` (default: every layer).
+
+    One pooled pass over the texts serves every measure. ``pooled``: the texts' pooled
+    activations ``(positive, negative)`` from a pass made earlier with these settings (a build's,
+    :func:`steerlab.extract.build_vector`'s ``on_pooled``): then no forward pass runs, and the
+    layers examined are those it has (``layers`` is ignored).
+    """
+    from .evaluate import signal_of_pooled
     from .extract import pooled_activations
     from .layers import check_layers
 
@@ -278,14 +287,18 @@ def doctor(lm: LoadedModel, positive: Sequence[str], negative: Sequence[str], *,
         raise SteeringError(f"the doctor needs paired texts: {len(positive)} positives, {len(negative)} negatives")
     if n < 4:
         raise SteeringError(f"the doctor needs at least 4 pairs, got {n}")
-    use = check_layers(list(layers) if layers is not None else list(range(lm.n_layers)), lm.n_layers)
     grade = check_layers(list(grade_layers), lm.n_layers) if grade_layers else [lm.n_layers // 2]
-    use = sorted(set(use) | set(grade))
-    kw: dict[str, Any] = dict(pooling=pooling, chat=chat, batch_size=batch_size, progress=False)
-    pos, _ = pooled_activations(lm, list(positive), use, **kw)
-    neg, _ = pooled_activations(lm, list(negative), use, **kw)
-    signal = layer_signal(lm, positive, negative, use, pooling=pooling, chat=chat, method=method,
-                          batch_size=batch_size)
+    if pooled is not None:
+        pos, neg = pooled
+        if any(len(t) != n for t in (*pos.values(), *neg.values())):
+            raise SteeringError(f"the pooled activations are not those of these {n} pairs")
+    else:
+        use = check_layers(list(layers) if layers is not None else list(range(lm.n_layers)), lm.n_layers)
+        use = sorted(set(use) | set(grade))
+        kw: dict[str, Any] = dict(pooling=pooling, chat=chat, batch_size=batch_size, progress=False)
+        pos, _ = pooled_activations(lm, list(positive), use, **kw)
+        neg, _ = pooled_activations(lm, list(negative), use, **kw)
+    signal = signal_of_pooled(pos, neg, method=method)
     count = lambda texts: [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]  # noqa: E731
     return diagnose(pos, neg, {s.layer: s.auc for s in signal}, positive=positive, negative=negative,
                     pos_tokens=count(positive), neg_tokens=count(negative), grade_layers=grade,
@@ -293,25 +306,38 @@ def doctor(lm: LoadedModel, positive: Sequence[str], negative: Sequence[str], *,
 
 
 def doctor_persona(lm: LoadedModel, persona: Persona, *, layers: Sequence[int] | None = None,
-                   batch_size: int = 16) -> Diagnosis:
+                   batch_size: int = 16,
+                   pooled: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None) -> Diagnosis:
     """:func:`doctor` with a persona's texts, settings, default layers and file lines."""
     grade = [x for x in persona.default_layers if x < lm.n_layers] or [lm.n_layers // 2]
     return doctor(lm, persona.positive, persona.negative, layers=layers, grade_layers=grade,
                   pooling=persona.pooling, chat=persona.chat, method=persona.method,
                   concept_words=[*persona.keywords, persona.description, persona.name.replace("_", " ")],
                   lines=positive_lines(persona.source, len(persona.positive)), name=persona.name,
-                  batch_size=batch_size)
+                  batch_size=batch_size, pooled=pooled)
 
 
+def as_built(persona: Persona, vec: SteeringVector) -> Persona:
+    """``persona`` with the pooling and estimator its vector was built with (a build may override them),
+    so the doctor grades the build's own activations with the build's settings."""
+    from dataclasses import replace
 
-def checkup(lm, persona, layers: Sequence[int], *, batch_size: int = 16) -> dict:  # noqa: ANN001
+    method = vec.method if vec.method in ("mean_diff", "pca", "probe") else "mean_diff"  # optimize: from mean_diff
+    pooling = vec.pooling.removesuffix(":chat") or persona.pooling
+    return replace(persona, pooling=pooling, chat=vec.pooling.endswith(":chat"), method=method)
+
+
+def checkup(lm, persona, layers: Sequence[int], *, batch_size: int = 16,  # noqa: ANN001
+            pooled: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None) -> dict:
     """The short doctor report a build prints (and POST /vectors returns): grade, score and advice.
 
-    Cheap: only the vector's ``layers`` are read (the full doctor reads all of them). A set the
-    doctor cannot grade (unpaired, under 4 pairs) gives ``{"error": why}``.
+    ``pooled``: the build's own pooled activations (``build_vector(on_pooled=...)``): no text is read
+    again and every layer the build has is examined (so the advice can name a better layer). Without
+    them only the vector's ``layers`` are read. A set the doctor cannot grade (unpaired, under 4
+    pairs) gives ``{"error": why}``.
     """
     try:
-        diag = doctor_persona(lm, persona, layers=list(layers), batch_size=batch_size)
+        diag = doctor_persona(lm, persona, layers=list(layers), batch_size=batch_size, pooled=pooled)
     except SteeringError as exc:
         return {"error": str(exc)}
     return {"grade": diag.grade, "score": round(diag.score, 1), "advice": list(diag.advice),

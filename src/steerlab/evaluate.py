@@ -124,15 +124,28 @@ def layer_signal(lm: LoadedModel, positive: Sequence[str], negative: Sequence[st
     every layer.
     """
     from .extract import pooled_activations
-    from .methods import get_method
 
     n = min(len(positive), len(negative))
     if n < 2 * folds:
         raise SteeringError(f"the layer signal needs at least {2 * folds} contrast pairs, got {n}")
-    _, fn = get_method(method)
     kw: dict[str, Any] = dict(pooling=pooling, chat=chat, batch_size=batch_size, progress=False)
     pos, _ = pooled_activations(lm, list(positive[:n]), layers, **kw)
     neg, _ = pooled_activations(lm, list(negative[:n]), layers, **kw)
+    return signal_of_pooled(pos, neg, method=method, folds=folds)
+
+
+def signal_of_pooled(pos: dict[int, torch.Tensor], neg: dict[int, torch.Tensor], *, method: str = "mean_diff",
+                     folds: int = 2) -> list[LayerSignal]:
+    """:func:`layer_signal` from pooled activations (``{layer: [N, H]}``, pairs aligned) made earlier:
+    no forward pass (a build hands its own to the doctor)."""
+    from .methods import get_method
+
+    n = min(min(len(t) for t in pos.values()), min(len(t) for t in neg.values()))
+    if n < 2 * folds:
+        raise SteeringError(f"the layer signal needs at least {2 * folds} contrast pairs, got {n}")
+    _, fn = get_method(method)
+    pos = {x: t[:n] for x, t in pos.items()}
+    neg = {x: t[:n] for x, t in neg.items()}
     idx = torch.arange(n)
     out = []
     for layer in sorted(pos):

@@ -157,6 +157,7 @@ def build_vector(
     default_strength: float = 1.0,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    on_pooled: Callable[[dict[int, torch.Tensor], dict[int, torch.Tensor]], None] | None = None,
 ) -> SteeringVector:
     """Build a steering vector from contrast texts.
 
@@ -165,6 +166,8 @@ def build_vector(
     (default: all of ``layers``). ``chat=True`` renders each text as an assistant reply under
     the chat template and pools over the reply tokens only. ``on_progress(done, total)`` is
     called after each batch with the number of contrast texts (positive + negative) done.
+    ``on_pooled(pos, neg)`` gets the pooled activations (``{layer: [N, H]}``) the directions came
+    from, so a caller can reuse them (the build's doctor) instead of reading the texts again.
     """
     if not positive or not negative:
         raise SteeringError("need at least one positive and one negative text")
@@ -179,6 +182,8 @@ def build_vector(
         neg_cb = lambda done, _n: on_progress(len(positive) + done, total)  # noqa: E731
     pos, pos_norms = pooled_activations(lm, positive, layers, desc=f"{name} +", on_progress=pos_cb, **kw)
     neg, neg_norms = pooled_activations(lm, negative, layers, desc=f"{name} -", on_progress=neg_cb, **kw)
+    if on_pooled is not None:
+        on_pooled(pos, neg)
     directions, norms = {}, {}
     for layer in layers:
         d = fn(pos[layer], neg[layer]).float()

@@ -44,7 +44,7 @@ import torch
 from ..errors import ModelLoadError, SteeringError
 from ..generate import GenerationOptions, eos_ids
 from ..hooks import Positions, RowSteering, as_steer, steering_rows
-from ..spec import Resolved, resolve
+from ..spec import Resolved, Steer, resolve
 from ..models import resolve_model_source
 
 if TYPE_CHECKING:
@@ -64,12 +64,16 @@ def _resolved(row: RowSteering, n_layers: int, hidden_size: int) -> list[Resolve
     """The row's entries resolved as the transformers engine would, minus what vllm-lens cannot do.
 
     vllm-lens adds a fixed vector: the governor is off unless an entry asks for it (then refused),
-    and operators other than ``add`` are refused, each with a one-line reason.
+    and operators other than ``add`` are refused, each with a one-line reason. So are conditions it
+    cannot honour: one on the text (re-checked at every step) and one on the prompt not yet decided
+    (:func:`steerlab.conditional.decide` decides them first; the server does).
     """
     out = []
     for item in row:
         st = item.steer if isinstance(item, Resolved) else as_steer(item)
         _check_vector(st.vector, hidden_size)
+        if (why := condition_problem(st)) is not None:
+            raise SteeringError(why)
         if isinstance(item, Resolved) and not item.governor:  # resolved by the server already
             res = item
         elif st.governor:
@@ -86,6 +90,19 @@ def _resolved(row: RowSteering, n_layers: int, hidden_size: int) -> list[Resolve
                                 "use 'all' or 'generated'")
         out.append(res)
     return out
+
+
+def condition_problem(st: Steer) -> str | None:
+    """Why vLLM cannot apply this entry's condition (None: no condition, or a decided prompt condition)."""
+    when = st.when
+    if when is None or (when.on == "prompt" and when.value is not None):
+        return None
+    if when.on == "text":
+        return (f"{st.vector.name}: a condition on the text ({when.name}, on=text) re-checks the reply at every "
+                "step; vllm-lens only adds a fixed vector: use on=prompt on the vLLM engine, or the transformers "
+                "engine")
+    return (f"{st.vector.name}: the prompt condition on {when.name} is not decided yet: decide it first "
+            "(steerlab.conditional.decide), then send the rows it leaves")
 
 
 def steering_vectors(row: RowSteering, *, n_layers: int, hidden_size: int) -> list[dict[str, Any]]:

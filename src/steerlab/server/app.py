@@ -5,7 +5,8 @@ the vector store, the settings, the engine (a :class:`~steerlab.server.runner.Ru
 and stopped by the app's lifespan), the builds and the readers. There is no module-level state:
 two apps in one process are independent. Routes live in routers over that state:
 :mod:`.pages_api` (page, health, examples), :mod:`.generation_api` (generate, compare),
-:mod:`.vectors_api` (vectors, builds), :mod:`.reading_api` (read, lens), :mod:`.openai_api` (/v1).
+:mod:`.vectors_api` (vectors, builds), :mod:`.reading_api` (read, lens), :mod:`.profile_api` (layer
+profile), :mod:`.openai_api` (/v1).
 This module also owns the error shape: ``{"error": message, "detail": ...}`` (OpenAI's under /v1).
 """
 
@@ -26,12 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SteeringError
 from ..store import VectorStore
-from . import generation_api, openai_api, pages_api, reading_api, vectors_api
+from . import generation_api, openai_api, pages_api, profile_api, reading_api, vectors_api
 from .budget import PromptBudget, context_length
 from .builds import Builds, BuildWorker
 from .guard import Guard, error_body
 from .jobs import Engine
 from .limits import MAX_ERROR_ITEMS
+from .profile_api import Profiles
 from .reading_api import Readers
 from .runner import Runner
 from .settings import ServerSettings
@@ -69,6 +71,7 @@ def create_app(lm: ModelInfo, store: VectorStore, settings: ServerSettings | Non
     # copy of the model; vLLM's runner already builds beside generation on the transformers side
     build_worker = BuildWorker(lm.loaded()) if isinstance(runner, Runner) else None
     studio = Studio(lm=lm, store=store, settings=settings, runner=runner, builds=Builds(), readers=Readers(),
+                    profiles=Profiles(),
                     build_worker=build_worker,
                     build_call=build_worker.call if build_worker is not None else runner.call,
                     build_model=build_worker.model if build_worker is not None else lm.loaded,
@@ -93,7 +96,7 @@ def create_app(lm: ModelInfo, store: VectorStore, settings: ServerSettings | Non
     app.state.studio = studio
     _install_error_handlers(app)
     app.add_middleware(Guard, settings=settings)
-    for module in (pages_api, generation_api, vectors_api, openai_api, reading_api):
+    for module in (pages_api, generation_api, vectors_api, openai_api, reading_api, profile_api):
         app.include_router(module.router)
     return app
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..doctor import checkup
+from ..doctor import as_built, checkup
 from ..personas import Persona, build_persona
 from ..store import VectorStore
 from .schemas import BuildRequest
@@ -81,6 +81,7 @@ class Build:
     error: str | None = None
     vector: dict[str, Any] | None = None
     doctor: dict[str, Any] | None = None  # the contrast set's grade and advice (steerlab.doctor.checkup)
+    persona: Persona | None = field(default=None, repr=False)  # the texts built from (GET /vectors/{name}/profile)
     created: float = field(default_factory=time.time)
     finished: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -112,6 +113,11 @@ class Builds:
         with self._lock:
             return next((b for b in self._items.values() if b.name == name and not b.final), None)
 
+    def finished(self, name: str) -> list[Build]:
+        """The builds of ``name`` that finished as ``done``, oldest first."""
+        with self._lock:
+            return [b for b in self._items.values() if b.name == name and b.state == "done"]
+
     def active(self) -> list[Build]:
         with self._lock:
             return [b for b in self._items.values() if not b.final]
@@ -130,12 +136,13 @@ class Builds:
 
         ``model()`` gives the model to build on; it is called on the build thread.
         """
-        build = Build(id=uuid.uuid4().hex[:12], name=req.name, total=len(req.positive) + len(req.negative))
         persona = Persona(
             name=req.name, description=req.description, keywords=(), positive=tuple(req.positive),
             negative=tuple(req.negative), default_layers=tuple(req.default_layers or ()),
             default_strength=req.default_strength, method=req.method, source="POST /vectors",
         )
+        build = Build(id=uuid.uuid4().hex[:12], name=req.name, total=len(req.positive) + len(req.negative),
+                      persona=persona)
 
         def progress(done: int, total: int) -> None:
             build.done, build.total = done, total
@@ -147,10 +154,12 @@ class Builds:
                 if build.cancel.is_set():
                     raise BuildCancelled
                 build.state = "running"
-                vec = build_persona(model(), persona, batch_size=batch_size, progress=False, on_progress=progress)
+                pooled: list[tuple[dict, dict]] = []  # the build's activations: the doctor reads no text again
+                vec = build_persona(model(), persona, batch_size=batch_size, progress=False, on_progress=progress,
+                                    on_pooled=lambda pos, neg: pooled.append((pos, neg)))
                 if build.cancel.is_set():
                     raise BuildCancelled
-                build.doctor = checkup(model(), persona, vec.active_layers, batch_size=batch_size)
+                build.doctor = checkup(model(), as_built(persona, vec), vec.active_layers, pooled=pooled[-1])
                 store.add(vec, overwrite=req.overwrite)
                 build.vector = describe(req.name, vec)
                 build.state = "done"

@@ -1,4 +1,4 @@
-"""The app's typed state: what every route reads (model facts, vectors, settings, engine, builds).
+"""The app's typed state: what every route reads (model facts, vectors, settings, engine, builds, caches).
 
 ``create_app`` builds one :class:`Studio` per app and keeps it as ``app.state.studio``; routes take
 it as a dependency (``s: StudioDep``), so they are plain functions in routers that can be
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .budget import PromptBudget
     from .builds import Builds, BuildWorker
     from .jobs import Engine
+    from .profile_api import Profiles
     from .reading_api import Readers
     from .settings import ServerSettings
 
@@ -34,6 +35,7 @@ class Studio:
     runner: Engine  # what generates (transformers Runner or vLLM runner)
     builds: Builds
     readers: Readers
+    profiles: Profiles  # layer profiles of vectors, computed on demand (GET /vectors/{name}/profile)
     build_worker: BuildWorker | None  # the transformers engine's build thread (None on vLLM)
     build_call: Callable[[Callable[[], Any]], Future]  # runs a build off the generation worker
     build_model: Callable[[], LoadedModel]  # the model a build runs on (called on the build thread)

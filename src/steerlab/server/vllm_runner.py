@@ -22,6 +22,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from ..engines.vllm_engine import condition_problem
+from ..errors import SteeringError
 from ..generate import TextDeltas
 from .jobs import Busy, Delta, Done, Failed, GenJob, JobCancelled, RowResult, ran_past
 
@@ -96,10 +98,15 @@ class VLLMRunner:
     def submit(self, job: GenJob) -> None:
         """Start the job (call from the event loop); raise :class:`Busy` past ``max_queue`` jobs.
 
-        Steering is translated first, so bad steering raises here (a 400) before anything runs.
+        Steering is translated first, so bad steering raises here (a 400) before anything runs;
+        conditions vLLM cannot honour (on the text) are refused first, whatever the engine object.
         """
         if self._closed or self.engine is None:
             raise Busy("the server is shutting down")
+        for row in job.steering:
+            for entry in row:
+                if (why := condition_problem(entry.steer)) is not None:
+                    raise SteeringError(why)
         if len(self._tasks) >= self.max_queue:
             self._counts["refused"] += 1
             raise Busy(f"the server is busy ({len(self._tasks)} requests in flight); try again shortly")
