@@ -16,6 +16,8 @@ they are reported separately. Writes bench/dose_results.json and prints markdown
 
     python bench/dose_eval.py                   # everything (~30 min on 2 busy cores)
     python bench/dose_eval.py --concepts tabby_cats --prompts 8
+    python bench/dose_eval.py --method mean_centred --windows-from bench/dose_results.json \
+        --out bench/dose_results_centred.json      # another direction, same prompts and baselines
 """
 
 from __future__ import annotations
@@ -68,6 +70,24 @@ def score_rows(lm, emb, prompts, settings, *, persona, penalty, new_tokens, batc
     return out
 
 
+def evaluate_method(lm, emb, name: str, persona, prompts, new_tokens: int, method: str, earlier: dict) -> dict:  # noqa: ANN001
+    """Another direction method under the default recipe (add + governor, calibrated window): its
+    window and doses; today's-default and baseline figures are ``earlier``'s (greedy: the same again)."""
+    t = time.perf_counter()
+    vec = build_persona(lm, persona, progress=False, method=method)
+    res: dict = {"concept": name, "method": method, "build_s": round(time.perf_counter() - t, 1)}
+    vec, (w,) = calibrated(lm, vec, governor=True, embedder=emb)
+    res["window_before"], res["window_after"] = earlier["window_after"], w.record()
+    for pen in PENALTIES:
+        res[f"today_{pen}"] = earlier[f"today_{pen}"]
+        scored = score_rows(lm, emb, prompts, [[]] + [[Steer(vec, dose=d, governor=True)] for d in DOSES],
+                            persona=persona, penalty=pen, new_tokens=new_tokens)
+        res[f"doses_{pen}"] = dict(zip(map(str, DOSES), scored))
+    res["baseline_best"], res["baseline_cells"] = earlier["baseline_best"], earlier["baseline_cells"]
+    res["seconds"] = round(time.perf_counter() - t, 1)
+    return res
+
+
 def evaluate(lm, emb, name: str, persona, prompts, new_tokens: int, windows: dict | None = None) -> dict:  # noqa: ANN001
     t = time.perf_counter()
     vec = build_persona(lm, persona, progress=False)
@@ -117,8 +137,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "dose_results.json"))
     ap.add_argument("--windows-from", default=None, help="reuse an earlier run's windows, today's-default and baseline figures; score only the doses")
+    ap.add_argument("--method", default=None, help="measure this direction method (e.g. mean_centred) under the default "
+                    "recipe; 'window before', today's default and the baseline come from --windows-from")
     args = ap.parse_args()
     earlier = {}
+    if args.method and not args.windows_from:
+        sys.exit("--method compares against an earlier run: give --windows-from bench/dose_results.json")
     if args.windows_from:
         earlier = {r["concept"]: {**r, "from": args.windows_from} for r in json.loads(Path(args.windows_from).read_text())}
     torch.set_num_threads(args.threads)
@@ -132,7 +156,10 @@ def main() -> None:
     results = []
     for name in names:
         persona = get_persona(str(heldout[name]) if name in heldout else name)
-        r = evaluate(lm, emb, name, persona, prompts, args.new_tokens, earlier.get(name))
+        if args.method:
+            r = evaluate_method(lm, emb, name, persona, prompts, args.new_tokens, args.method, earlier[name])
+        else:
+            r = evaluate(lm, emb, name, persona, prompts, args.new_tokens, earlier.get(name))
         r["held_out_concept"] = name in heldout
         results.append(r)
         print(json.dumps({k: r[k] for k in ("concept", "window_before", "window_after")}, default=str)[:600], flush=True)

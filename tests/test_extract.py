@@ -128,3 +128,19 @@ def test_chat_building_pools_only_the_reply(tiny_lm):
     with torch.no_grad():
         hs = tiny_lm.model(**enc, output_hidden_states=True).hidden_states[2][0]
     torch.testing.assert_close(acts[1][0], hs[n_prefix:].mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_mean_centred_is_half_contrast_half_centring_on_the_models_own_replies(tiny_lm):
+    pos, neg, own = TEXTS[:2], TEXTS[1:], ["a plain reply about nothing much", "another ordinary answer"]
+    vec = build_vector(tiny_lm, pos, neg, layers=[1, 2], method="mean_centred", own_replies=own, progress=False)
+    p, _ = pooled_activations(tiny_lm, pos, [1, 2], progress=False)
+    n, _ = pooled_activations(tiny_lm, neg, [1, 2], progress=False)
+    o, _ = pooled_activations(tiny_lm, own, [1, 2], progress=False)
+    assert vec.method == "mean_centred"
+    for layer in (1, 2):
+        want = p[layer].mean(0) - 0.5 * (n[layer].mean(0) + o[layer].mean(0))
+        torch.testing.assert_close(vec.directions[layer], want / want.norm(), atol=1e-5, rtol=1e-4)
+    # without replies given, the model's own greedy replies to the shipped neutral prompts are read
+    default = build_vector(tiny_lm, pos, neg, layers=[1], method="mean_centred", progress=False)
+    plain = build_vector(tiny_lm, pos, neg, layers=[1], progress=False)
+    assert float(default.directions[1] @ plain.directions[1]) < 0.999

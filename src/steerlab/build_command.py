@@ -27,9 +27,9 @@ if TYPE_CHECKING:
               help="Folder to write vectors to (default: the vectors folder). Env: STEERLAB_VECTORS.")
 @click.option("--layer", "--layers", "layer_spec", cls=AliasedOption, default="all", show_default=True,
               help="Layers to compute directions at: all, 12, 10,12,14 or 4:24:2.")
-@click.option("--method", type=click.Choice(["mean_diff", "pca", "probe", "optimize"]), default=None,
-              help="Direction estimator (default: the persona's, else mean_diff); optimize trains the mean "
-                   "difference by gradient (a few minutes on a CPU; docs/dose.md).")
+@click.option("--method", type=click.Choice(["mean_diff", "mean_centred", "pca", "probe", "optimize"]), default=None,
+              help="Direction estimator (default: the persona's, else mean_diff); mean_centred also centres on "
+                   "the model's own replies, optimize trains the mean difference by gradient (docs/dose.md).")
 @click.option("--pooling", default=None, help="mean (default), last or window:K.")
 @click.option("--chat/--plain", "chat", default=None, help="Render contrast texts as assistant replies.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))

@@ -26,11 +26,21 @@ from tqdm.auto import tqdm
 from .errors import SteeringError
 from .hooks import capture, run_until_captured
 from .layers import check_layers
-from .methods import Method, get_method
+from .methods import Method, get_method, mean_diff
 from .vectors import SteeringVector
 
 if TYPE_CHECKING:
     from .models import LoadedModel
+
+
+# ``method="mean_centred"`` (Jorgensen et al. 2023, "Improving Activation Steering in Language
+# Models with Mean-Centring", arXiv:2312.03813): subtract the mean activation of the model's
+# ordinary output. steerlab takes the direction mean(pos) - (mean(neg) + mean(own)) / 2: half the
+# contrast (what separates the pairs), half the centring (what separates the positives from what
+# the model says anyway). Measured on the built-in personas (docs/dose.md, "Third round").
+MEAN_CENTRED = "mean_centred"
+OWN_REPLY_PROMPTS = slice(4, 24)  # 20 shipped neutral prompts, none used by calibration or evaluations
+OWN_REPLY_TOKENS = 48
 
 
 def parse_pooling(pooling: str) -> tuple[str, int]:
@@ -158,6 +168,7 @@ def build_vector(
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
     on_pooled: Callable[[dict[int, torch.Tensor], dict[int, torch.Tensor]], None] | None = None,
+    own_replies: Sequence[str] | None = None,
 ) -> SteeringVector:
     """Build a steering vector from contrast texts.
 
@@ -168,11 +179,14 @@ def build_vector(
     called after each batch with the number of contrast texts (positive + negative) done.
     ``on_pooled(pos, neg)`` gets the pooled activations (``{layer: [N, H]}``) the directions came
     from, so a caller can reuse them (the build's doctor) instead of reading the texts again.
+    ``method="mean_centred"`` also reads ``own_replies``, the model's ordinary output (default:
+    :func:`model_replies`; see :data:`MEAN_CENTRED`).
     """
     if not positive or not negative:
         raise SteeringError("need at least one positive and one negative text")
     layers = check_layers(list(layers) if layers is not None else [lm.n_layers // 2], lm.n_layers)
-    method_name, fn = get_method(method)
+    centred = method == MEAN_CENTRED
+    method_name, fn = (MEAN_CENTRED, mean_diff) if centred else get_method(method)
     kw: dict[str, Any] = dict(pooling=pooling, batch_size=batch_size, max_length=max_length, chat=chat,
                               progress=progress)
     total = len(positive) + len(negative)
@@ -184,9 +198,15 @@ def build_vector(
     neg, neg_norms = pooled_activations(lm, negative, layers, desc=f"{name} -", on_progress=neg_cb, **kw)
     if on_pooled is not None:
         on_pooled(pos, neg)
+    own: dict[int, torch.Tensor] = {}
+    if centred:
+        replies = list(own_replies) if own_replies is not None else model_replies(lm)
+        own, _ = pooled_activations(lm, replies, layers, desc=f"{name} own replies", **kw)
     directions, norms = {}, {}
     for layer in layers:
         d = fn(pos[layer], neg[layer]).float()
+        if centred:  # mean(pos) - (mean(neg) + mean(own)) / 2: half contrast, half mean-centring
+            d = 0.5 * (d + mean_diff(pos[layer], own[layer]).float())
         n = d.norm()
         if not torch.isfinite(n) or n == 0:
             raise SteeringError(f"layer {layer}: the contrast gives no direction (identical texts?)")
@@ -207,6 +227,16 @@ def build_vector(
         default_layers=tuple(check_layers(list(default_layers), lm.n_layers)) if default_layers else tuple(layers),
         default_strength=default_strength,
     )
+
+
+def model_replies(lm: LoadedModel, prompts: Sequence[str] | None = None) -> list[str]:
+    """The model's own greedy replies to neutral prompts: its ordinary output, which
+    ``method="mean_centred"`` centres on. Default prompts: the shipped ones after the 4 that
+    calibration uses and before the last 16 that evaluations hold out."""
+    from .generate import GenerationOptions, generate
+
+    use = list(prompts) if prompts is not None else neutral_prompts()[OWN_REPLY_PROMPTS]
+    return generate(lm, use, None, options=GenerationOptions(max_new_tokens=OWN_REPLY_TOKENS))
 
 
 def neutral_prompts(n: int | None = None) -> list[str]:

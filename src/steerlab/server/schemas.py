@@ -152,7 +152,7 @@ class BuildRequest(BaseModel):
     default_layers: list[Layer] | None = Field(None, min_length=1, max_length=MAX_LAYERS_PER_ENTRY,
                                                description="Default: the middle layer.")
     default_strength: Strength = 0.4
-    method: Literal["mean_diff", "pca", "probe"] = "mean_diff"
+    method: Literal["mean_diff", "mean_centred", "pca", "probe"] = "mean_diff"
     overwrite: bool = Field(False, description="Replace an existing or built-in vector of that name.")
 
     @field_validator("name")
