@@ -129,3 +129,22 @@ def test_embedded_model_decoder_weights_survive_int4_better_than_int8(real_lm):
         err4 = _rel_err(Int4Linear(lin), w)
         assert err4 < 0.004
         assert err4 < _rel_err(Int8Linear(lin), w) / 2
+
+
+def test_cli_quantize_option_on_generate_compare_and_serve(tiny_dir, monkeypatch):
+    from click.testing import CliRunner
+
+    from steerlab.cli import main
+
+    def run(*args: str):  # noqa: ANN202
+        return CliRunner().invoke(main, list(args))
+
+    r = run("generate", "the cat", "--model", str(tiny_dir), "--quantize", "int4", "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    monkeypatch.setenv("STEERLAB_QUANTIZE", "int8")
+    r = run("generate", "the cat", "--model", str(tiny_dir), "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    r = run("compare", "the cat", "--model", str(tiny_dir), "--quantize", "int3")
+    assert r.exit_code == 2 and "int3" in r.output
+    r = run("serve", "--engine", "vllm", "--quantize", "int8")
+    assert r.exit_code == 1 and "--quantize is for the transformers engine" in r.output
