@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .defaults import REPETITION_PENALTY
-from .options import AliasedOption, F, load_lm, model_options, open_store, vectors_option
+from .options import AliasedOption, F, load_lm, model_options, open_store, quantize_option, vectors_option
 from .steer_syntax import STEER_HELP, describe_conditions, describe_steering, steering_from_options
 
 if TYPE_CHECKING:
@@ -67,13 +67,14 @@ def _options(kw: dict[str, Any]) -> GenerationOptions:
 
 def prompt_command(f: F) -> click.Command:
     """A command on one PROMPT with the generation, vectors and model options (generate, compare)."""
-    return click.command()(click.argument("prompt")(generation_options(vectors_option(model_options(f)))))
+    options = generation_options(vectors_option(quantize_option(model_options(f))))
+    return click.command()(click.argument("prompt")(options))
 
 
 @prompt_command
 def generate(prompt: str, vectors_dir: Path | None, model_id: str | None, device: str, dtype: str, **kw: Any) -> None:
     """Generate a completion of PROMPT, steered by --steer vectors (none: base model)."""
-    lm = load_lm(model_id, device, dtype)  # first: it says "loading ..." when that is slow
+    lm = load_lm(model_id, device, dtype, quantize=kw["quantize"])  # first: it says "loading ..." when slow
     from .generate import generate as run, stream
 
     steering = steering_from_options(lm, open_store(lm, vectors_dir), kw) if kw["steers"] else []
@@ -93,7 +94,7 @@ def generate(prompt: str, vectors_dir: Path | None, model_id: str | None, device
 @prompt_command
 def compare(prompt: str, vectors_dir: Path | None, model_id: str | None, device: str, dtype: str, **kw: Any) -> None:
     """Base vs steered completion of PROMPT, generated together in one batch."""
-    lm = load_lm(model_id, device, dtype)  # first: it says "loading ..." when that is slow
+    lm = load_lm(model_id, device, dtype, quantize=kw["quantize"])  # first: it says "loading ..." when slow
     from .generate import generate as run
 
     steering = steering_from_options(lm, open_store(lm, vectors_dir), kw)

@@ -252,6 +252,7 @@ def load_model(
     *,
     device: str | None = None,
     dtype: str | None = None,
+    quantize: str | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load a causal LM for steering.
@@ -259,6 +260,7 @@ def load_model(
     ``model_id``: None for the embedded SmolLM2-135M-Instruct, else a Hugging Face id or a
     local folder. The first load of the embedded model converts it (a few seconds) and caches
     it under :func:`steerlab.paths.cache_dir`; ``notify(line)`` is told before it starts.
+    ``quantize``: ``int8`` or ``int4`` weight-only linear layers on CPU (:mod:`steerlab.quantize`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -279,4 +281,8 @@ def load_model(
         raise ModelLoadError(
             f"{recorded_id} does not fit on {dev}: use a smaller --dtype (bfloat16/float16) or --device cpu"
         ) from None
+    if quantize not in (None, "none"):
+        from .quantize import quantize_model
+
+        quantize_model(model, quantize)
     return LoadedModel(model=model, tokenizer=tok, model_id=recorded_id)

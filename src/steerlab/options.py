@@ -47,14 +47,26 @@ def model_options(f: F) -> F:
     return f
 
 
+QUANTIZE_HELP = ("CPU only: store the linear layers' weights as int8 (one scale per row) or int4 (groups of 32; "
+                 "the head int8) and decode from them: fewer bytes read per token, faster at small batches; "
+                 "replies can differ from float32's (docs/performance.md). Env: STEERLAB_QUANTIZE.")
+
+
+def quantize_option(f: F) -> F:
+    """--quantize none|int8|int4 (generate, compare, serve: the commands that decode)."""
+    return click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+                        envvar="STEERLAB_QUANTIZE", help=QUANTIZE_HELP)(f)
+
+
 def vectors_option(f: F) -> F:
     """--vectors DIR."""
     return click.option("--vectors", "vectors_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                         help="Vectors folder (default: printed by `steerlab list`). Env: STEERLAB_VECTORS.")(f)
 
 
-def load_lm(model_id: str | None, device: str, dtype: str, *, announce: bool = False) -> LoadedModel:
-    """The model named by --model/--device/--dtype.
+def load_lm(model_id: str | None, device: str, dtype: str, *, announce: bool = False,
+            quantize: str = "none") -> LoadedModel:
+    """The model named by --model/--device/--dtype (and --quantize where a command has it).
 
     Says "loading ..." on stderr if that takes over 2 s (at once with ``announce``), and before
     the embedded model's one-time conversion.
@@ -69,7 +81,7 @@ def load_lm(model_id: str | None, device: str, dtype: str, *, announce: bool = F
     with slow(f"loading {model_id or 'the embedded model (SmolLM2-135M-Instruct)'}...", after=0 if announce else 2.0):
         from .models import load_model
 
-        return load_model(model_id, device=device, dtype=dtype, notify=say)
+        return load_model(model_id, device=device, dtype=dtype, quantize=quantize, notify=say)
 
 
 def open_store(lm: ModelInfo, vectors_dir: Path | None) -> VectorStore:

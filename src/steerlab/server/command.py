@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from ..errors import SteeringError
-from ..options import load_lm, model_options, open_store, vectors_option
+from ..options import load_lm, model_options, open_store, quantize_option, vectors_option
 from .limits import MAX_PROMPT_TOKENS, STRENGTH_LIMIT
 
 if TYPE_CHECKING:
@@ -171,13 +171,15 @@ def _is_loopback(host: str) -> bool:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @vectors_option
+@quantize_option
 @model_options
-# About 90 lines: its signature is its 26 options; the body is start-up in order (checks, settings, load).
+# About 90 lines: its signature is its 27 options; the body is start-up in order (checks, settings, load).
 def serve(host: str, port: int, strength: float | None, no_build: bool, max_queue: int, max_batch: int,
           timeout_s: float, max_prompt_tokens: int, limit_concurrency: int, timeout_keep_alive: float,
           allowed_hosts: tuple[str, ...], threads: int | None, api_key_all: bool, engine: str, tp: int, pp: int,
           gpu_mem: float | None, max_model_len: int, kv_cache_gib: int | None, vllm_args: tuple[str, ...],
-          log_level: str, model_id: str | None, device: str, dtype: str, vectors_dir: Path | None) -> None:
+          log_level: str, model_id: str | None, device: str, dtype: str, quantize: str,
+          vectors_dir: Path | None) -> None:
     """Run the web studio and HTTP API (OpenAPI docs at /docs).
 
     Opens http://HOST:PORT (default http://127.0.0.1:5050) at once: while the model loads and
@@ -196,6 +198,9 @@ def serve(host: str, port: int, strength: float | None, no_build: bool, max_queu
     api_key = os.environ.get("STEERLAB_API_KEY") or None  # env only: a --api-key would show in `ps`
     if api_key_all and not api_key:
         raise click.ClickException("--api-key-all / STEERLAB_API_KEY_ALL needs a key: set STEERLAB_API_KEY=<secret>")
+    if engine == "vllm" and quantize != "none":
+        raise click.ClickException("--quantize is for the transformers engine on CPU; vLLM has its own quantisation "
+                                   "(--vllm-arg quantization=...)")
     check_port_free(host, port)
     from .. import threads as cpu_threads
 
@@ -231,7 +236,7 @@ def serve(host: str, port: int, strength: float | None, no_build: bool, max_queu
                 f"vectors: {store.folder}")
         else:
             note(f"loading {model_id or 'the embedded model (SmolLM2-135M-Instruct)'}...")
-            loaded = _load(model_id, device, dtype, note)
+            loaded = _load(model_id, device, dtype, quantize, note)
             store = open_store(loaded, vectors_dir)
             say(f"model: {loaded.model_id} on {loaded.device} ({loaded.n_layers} layers); vectors: {store.folder}")
             lm = loaded
@@ -267,10 +272,10 @@ def serve(host: str, port: int, strength: float | None, no_build: bool, max_queu
         sys.exit(1)
 
 
-def _load(model_id: str | None, device: str, dtype: str, note: Callable[[str], None]) -> LoadedModel:
+def _load(model_id: str | None, device: str, dtype: str, quantize: str, note: Callable[[str], None]) -> LoadedModel:
     from ..models import load_model
 
-    return load_model(model_id, device=device, dtype=dtype, notify=note)
+    return load_model(model_id, device=device, dtype=dtype, quantize=quantize, notify=note)
 
 
 @click.command()
