@@ -230,3 +230,15 @@ def test_governor_thresholds_follow_the_models_measured_entropy(tiny_lm):
     vec = windowed(tiny_lm, governor=True).with_defaults(base_entropy=6.0)
     rows = resolve_rows([[Steer(vec, dose=1.0)], []], tiny_lm.n_layers)
     assert governor_for(tiny_lm, rows, 2).high == pytest.approx(6.0 + HIGH_MARGIN)
+
+
+def test_the_models_entropy_is_taken_from_a_sibling_vector(tiny_lm):
+    from dataclasses import replace
+
+    from steerlab.calibrate import with_known_entropy
+
+    a = random_vector(tiny_lm, range(tiny_lm.n_layers), name="a").with_defaults(base_entropy=2.5)
+    b = random_vector(tiny_lm, range(tiny_lm.n_layers), seed=1, name="b")
+    assert with_known_entropy(b, [a]).extra["base_entropy"] == 2.5
+    assert "base_entropy" not in with_known_entropy(b, [replace(a, model_id="another/model")]).extra
+    assert with_known_entropy(b.with_defaults(base_entropy=1.0), [a]).extra["base_entropy"] == 1.0

@@ -15,7 +15,7 @@ import click
 from .options import AliasedOption, load_lm, model_options, open_store, vectors_option
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from .models import LoadedModel
     from .vectors import SteeringVector
@@ -99,7 +99,7 @@ def build(personas: tuple[str, ...], out_dir: Path | None, layer_spec: str, meth
                 report = checkup(lm, as_built(persona, vec), vec.active_layers, pooled=pooled[-1])
                 click.echo("\n".join("  " + x for x in checkup_lines(report)))
             if do_calibrate:
-                vec = _calibrate(lm, vec)
+                vec = _calibrate(lm, vec, store.vectors.values())
             store.add(vec, overwrite=True)
         d = vec.active_layers
         click.echo(f"  shape [{vec.hidden_size}] x {len(vec.layers)} layers, default layers {d}, "
@@ -116,11 +116,11 @@ def _keep(into: list) -> Callable[[dict, dict], None]:
     return lambda pos, neg: into.append((pos, neg))
 
 
-def _calibrate(lm: LoadedModel, vec: SteeringVector) -> SteeringVector:
-    from .calibrate import calibrated, describe_window
+def _calibrate(lm: LoadedModel, vec: SteeringVector, others: Iterable[SteeringVector]) -> SteeringVector:
+    from .calibrate import calibrated, describe_window, with_known_entropy
 
     click.echo(f"  measuring the dose window of {vec.name} ...")
-    vec, windows = calibrated(lm, vec)
+    vec, windows = calibrated(lm, with_known_entropy(vec, others))
     for w in windows:
         click.echo(f"  {describe_window(w)}")
     return vec

@@ -110,10 +110,10 @@ class VectorStore:
 
     def _build(self, name: str, progress: bool) -> SteeringVector:
         """A persona's vector with its dose window measured (steerlab.calibrate)."""
-        from .calibrate import calibrated
+        from .calibrate import calibrated, with_known_entropy
 
         lm = self.lm.loaded()  # the weights (a vLLM server loads its transformers copy now)
-        vec = build_persona(lm, get_persona(name), progress=progress)
+        vec = with_known_entropy(build_persona(lm, get_persona(name), progress=progress), self.vectors.values())
         return calibrated(lm, vec, progress=self.warn if progress else None)[0]
 
     def add(self, vec: SteeringVector, *, overwrite: bool = False, name: str | None = None) -> SteeringVector:
