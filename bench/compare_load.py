@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import socket
 import statistics
@@ -34,15 +33,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from neighbours import spinning  # noqa: E402
 from steerlab.paths import default_vectors_dir  # noqa: E402
 
 BODY = {"prompt": "Give me three tips for saving money.", "temperature": 0, "max_length": 64,
         "steering": [{"vector": "toronto", "strength": 0.4}]}
-
-
-def _spin() -> None:
-    while True:
-        pass
 
 
 def _free_port() -> int:
@@ -101,17 +96,10 @@ def main() -> None:
     try:
         client = httpx.Client(timeout=600)
         for label, n in (("as found", 0), (f"{args.neighbours} spinning neighbour(s)", args.neighbours)):
-            procs = [mp.Process(target=_spin, daemon=True) for _ in range(n)]
-            for p in procs:
-                p.start()
-            try:
-                time.sleep(3 if n else 0)
+            with spinning(n, settle_s=3):
                 load0 = os.getloadavg()[0]
                 res = measure(client, url, args.repeats)
                 load1 = os.getloadavg()[0]
-            finally:
-                for p in procs:
-                    p.terminate()
             med = {k: statistics.median(v[0]) for k, v in res.items()}
             ref = max(med["generate steered"], med["generate plain"])
             results[label] = {"load": [load0, load1], "median_s": med, "all_s": {k: v[0] for k, v in res.items()},

@@ -78,6 +78,11 @@ def evaluate_method(lm, emb, name: str, persona, prompts, new_tokens: int, metho
     res: dict = {"concept": name, "method": method, "build_s": round(time.perf_counter() - t, 1)}
     vec, (w,) = calibrated(lm, vec, governor=True, embedder=emb)
     res["window_before"], res["window_after"] = earlier["window_after"], w.record()
+    return score_doses(lm, emb, prompts, vec, persona, new_tokens, earlier, res, t)
+
+
+def score_doses(lm, emb, prompts, vec, persona, new_tokens: int, earlier: dict, res: dict, t: float) -> dict:  # noqa: ANN001
+    """``res`` with the doses scored at both penalties; today's default and the baseline from ``earlier``."""
     for pen in PENALTIES:
         res[f"today_{pen}"] = earlier[f"today_{pen}"]
         scored = score_rows(lm, emb, prompts, [[]] + [[Steer(vec, dose=d, governor=True)] for d in DOSES],
@@ -102,14 +107,7 @@ def evaluate(lm, emb, name: str, persona, prompts, new_tokens: int, windows: dic
         res["windows_from"] = windows["from"]
         vec = vec.with_defaults(windows={"add+governor": windows["window_after"]}, governor=True)
     if windows is not None:  # only the doses changed: today's default and the baseline cells are the earlier run's
-        for pen in PENALTIES:
-            res[f"today_{pen}"] = windows[f"today_{pen}"]
-            scored = score_rows(lm, emb, prompts, [[]] + [[Steer(vec, dose=d, governor=True)] for d in DOSES],
-                                persona=persona, penalty=pen, new_tokens=new_tokens)
-            res[f"doses_{pen}"] = dict(zip(map(str, DOSES), scored))
-        res["baseline_best"], res["baseline_cells"] = windows["baseline_best"], windows["baseline_cells"]
-        res["seconds"] = round(time.perf_counter() - t, 1)
-        return res
+        return score_doses(lm, emb, prompts, vec, persona, new_tokens, windows, res, t)
     settings = [[]]
     settings.append([Steer(vec, strength=persona.default_strength, governor=False)])  # today's default
     settings += [[Steer(vec, dose=d, governor=True)] for d in DOSES]

@@ -12,20 +12,16 @@ load hits both thread counts alike. Prints the load average seen, the seconds pe
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import statistics
 import time
 
 import torch
 
+from neighbours import spinning
+
 from steerlab import load_model, threads
 from steerlab.generate import GenerationOptions, generate
-
-
-def _spin() -> None:
-    while True:
-        pass
 
 
 def timed(lm, tokens: int, n_threads: int) -> float:  # noqa: ANN001
@@ -55,17 +51,10 @@ def main() -> None:
     lm = load_model()
     timed(lm, 4, cores)  # warm-up (and the CPU matmul path choice)
     for label, n in (("as found", 0), ("with neighbours", args.neighbours or cores)):
-        procs = [mp.Process(target=_spin, daemon=True) for _ in range(n)]
-        for p in procs:
-            p.start()
-        try:
-            time.sleep(2 if n else 0)
+        with spinning(n):
             load = os.getloadavg()[0]
             res = cells(lm, cores, args.repeats)
             chosen = threads.free_cores(cores)  # what a start now would choose
-        finally:
-            for p in procs:
-                p.terminate()
         print(f"\n{label}: {n} spinning neighbours, load average {load:.2f} at start, {cores} cores; "
               f"steerlab.threads would choose {chosen}")
         print(f"| reply tokens | 1 thread (s) | {cores} threads (s) | 1 / {cores} |")
