@@ -10,7 +10,7 @@ import torch
 from helpers import random_vector
 
 from steerlab import GenerationOptions, Steer, SteeringError, generate
-from steerlab.calibrate import Window, _crossing, calibrate, with_window
+from steerlab.calibrate import NEW_TOKENS, Window, _crossing, calibrate, with_window
 from steerlab.generate import governor_for
 from steerlab.hooks import capture
 from steerlab.governor import HIGH, HIGH_MARGIN, LOW, LOW_MARGIN, Governor, _loops
@@ -242,3 +242,20 @@ def test_the_models_entropy_is_taken_from_a_sibling_vector(tiny_lm):
     assert with_known_entropy(b, [a]).extra["base_entropy"] == 2.5
     assert "base_entropy" not in with_known_entropy(b, [replace(a, model_id="another/model")]).extra
     assert with_known_entropy(b.with_defaults(base_entropy=1.0), [a]).extra["base_entropy"] == 1.0
+
+
+def test_a_ladder_on_given_unsteered_replies_matches_one_that_makes_them(tiny_lm):
+    """measure() hands the unsteered replies it generated for the model's entropy to calibrate(),
+    which then generates only the ladder's rows: the window must be the one it would measure alone."""
+    from steerlab.calibrate import _replies, _reply_ids
+
+    vec = random_vector(tiny_lm, range(tiny_lm.n_layers)).with_defaults(layers=[1, 2])
+    prompts = ["the cat", "a dog ran"]
+    opts = GenerationOptions(max_new_tokens=NEW_TOKENS)
+    base = _reply_ids(*_replies(tiny_lm, prompts, [[]] * 2, opts))
+    alone = calibrate(tiny_lm, vec, strengths=[0.5, 8.0], prompts=prompts)
+    given = calibrate(tiny_lm, vec, strengths=[0.5, 8.0], prompts=prompts, base=base)
+    assert given.base_replies == alone.base_replies and given.base_entropy == pytest.approx(alone.base_entropy)
+    for a, g in zip(alone.rungs, given.rungs):
+        assert g.replies == a.replies
+        assert (g.fluency, g.reading) == pytest.approx((a.fluency, a.reading), rel=1e-4, abs=1e-6)

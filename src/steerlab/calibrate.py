@@ -162,6 +162,12 @@ def _replies(lm: LoadedModel, prompts: list[str], rows: list[list[Steer]],
     return out, torch.cat([enc["attention_mask"].bool(), ~ended], dim=1), width, watch.mean_entropy()
 
 
+def _reply_ids(ids: torch.Tensor, mask: torch.Tensor, width: int,
+               entropy: list[float]) -> tuple[list[list[int]], list[float]]:
+    """:func:`_replies`' rows as reply token ids (up to each row's end), with their entropies."""
+    return [r[width:][mask[i, width:]].tolist() for i, r in enumerate(ids)], entropy
+
+
 @torch.no_grad()
 def _score(lm: LoadedModel, vec: SteeringVector, layers: Sequence[int], prompts: Sequence[str],
            replies: Sequence[Sequence[int]], means: dict[int, float], sds: dict[int, float],
@@ -194,8 +200,13 @@ def calibrate(lm: LoadedModel, vec: SteeringVector, *, operator: str = "add", la
               prompts: Sequence[str] | None = None, strengths: Sequence[float] | None = None,
               repetition_penalty: float = REPETITION_PENALTY, governor: bool = False, embedder: Embedder | None = None,
               reference: float | None = None, statistics: tuple[dict, dict] | None = None,
-              positions: str | int | None = None, progress: Callable[[str], None] | None = None) -> Window:
-    """Measure the dose window of ``vec`` under ``operator`` at ``layers`` (default: its active layers)."""
+              positions: str | int | None = None, base: tuple[list[list[int]], list[float]] | None = None,
+              progress: Callable[[str], None] | None = None) -> Window:
+    """Measure the dose window of ``vec`` under ``operator`` at ``layers`` (default: its active layers).
+
+    ``base``: the unsteered replies to ``prompts`` (token ids) and their mean entropies, when the
+    caller has just generated them with these options (:func:`measure`): the batch then holds only
+    the ladder's rows."""
     if operator not in OPERATORS:
         raise SteeringError(f"unknown operator {operator!r}: use one of {', '.join(OPERATORS)}")
     t0 = time.perf_counter()
@@ -206,14 +217,16 @@ def calibrate(lm: LoadedModel, vec: SteeringVector, *, operator: str = "add", la
     means, sds = statistics or neutral_statistics(lm, vec, prompts)  # measure() passes them: one pass per vector
     vec = with_statistics(vec, means, sds)
     opts = GenerationOptions(max_new_tokens=NEW_TOKENS, repetition_penalty=repetition_penalty)
-    rows: list[list[Steer]] = [[]] * len(prompts)
-    rows += [[Steer(vec, strength=s, layers=use, operator=operator, positions=where, governor=governor)]
-             for s in rungs for _ in prompts]
+    rows: list[list[Steer]] = [[Steer(vec, strength=s, layers=use, operator=operator, positions=where,
+                                      governor=governor)] for s in rungs for _ in prompts]
     batch_prompts = prompts * (len(rungs) + 1)
     if progress:
         progress(f"{vec.name}: {len(rungs)} strengths x {len(prompts)} prompts ({operator}, layers {list(use)})")
-    ids, mask, width, entropy = _replies(lm, batch_prompts, rows, opts)
-    replies = [r[width:][mask[i, width:]].tolist() for i, r in enumerate(ids)]
+    if base is None:  # the unsteered rows first, in the same batch
+        replies, entropy = _reply_ids(*_replies(lm, batch_prompts, [[]] * len(prompts) + rows, opts))
+    else:
+        replies, entropy = _reply_ids(*_replies(lm, batch_prompts[len(prompts):], rows, opts))
+        replies, entropy = base[0] + replies, base[1] + entropy
     ppl, reading = _score(lm, vec, use, batch_prompts, replies, means, sds)
     texts = [lm.tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
     k = len(prompts)
@@ -266,14 +279,15 @@ def measure(lm: LoadedModel, vec: SteeringVector, *, operators: Sequence[str] | 
     governor = bool(vec.extra.get("governor", CALIBRATE_WITH_GOVERNOR)) if governor is None else governor
     means, sds = neutral_statistics(lm, vec, neutral_prompts(CALIBRATION_PROMPTS))
     vec = with_statistics(vec, means, sds)
+    base = None
     if "base_entropy" not in vec.extra:  # first: the governor's thresholds sit above it (governor.py)
-        *_, entropy = _replies(lm, neutral_prompts(CALIBRATION_PROMPTS), [[]] * CALIBRATION_PROMPTS,
-                               GenerationOptions(max_new_tokens=NEW_TOKENS, repetition_penalty=REPETITION_PENALTY))
-        vec = vec.with_defaults(base_entropy=round(sum(entropy) / len(entropy), 3))
+        opts = GenerationOptions(max_new_tokens=NEW_TOKENS, repetition_penalty=REPETITION_PENALTY)
+        base = _reply_ids(*_replies(lm, neutral_prompts(CALIBRATION_PROMPTS), [[]] * CALIBRATION_PROMPTS, opts))
+        vec = vec.with_defaults(base_entropy=round(sum(base[1]) / len(base[1]), 3))
     windows = []
-    for op in ops:
+    for op in ops:  # the unsteered replies just made are every ladder's base rows
         w = calibrate(lm, vec, operator=op, layers=layers, governor=governor, embedder=embedder, reference=reference,
-                      statistics=(means, sds), progress=progress)
+                      statistics=(means, sds), base=base, progress=progress)
         windows.append(w)
         vec = with_window(vec, w)
     if "governor" not in vec.extra:  # a vector's first calibration decides its governor default
@@ -285,7 +299,7 @@ def measure(lm: LoadedModel, vec: SteeringVector, *, operators: Sequence[str] | 
 def with_known_entropy(vec: SteeringVector, others: Iterable[SteeringVector]) -> SteeringVector:
     """``vec`` carrying the model's fluent entropy from another vector of the same model, when one
     has it: it is the model's, not the vector's, so :func:`measure` then skips its unsteered pass
-    (about 4 of a first calibration's 21 s on 2 idle cores)."""
+    (about 3 s on 2 idle cores)."""
     if "base_entropy" in vec.extra:
         return vec
     for other in others:
