@@ -60,13 +60,13 @@ def layer_profile(lm: LoadedModel, vec: SteeringVector, positive: Sequence[str],
     stored direction; ``cos_next`` is about ``vec`` itself.
     """
     from .evaluate import layer_signal
+    from .methods import estimator_of
 
     use = sorted(layers) if layers is not None else vec.layers
     pool = pooling or (vec.pooling.split(":")[0] if vec.pooling else "mean")
     use_chat = chat if chat is not None else vec.pooling.endswith(":chat")
-    method = vec.method if vec.method in ("mean_diff", "pca", "probe") else "mean_diff"
     signal = {s.layer: s for s in layer_signal(lm, positive, negative, use, pooling=pool, chat=use_chat,
-                                                method=method, folds=folds)}
+                                                method=estimator_of(vec.method), folds=folds)}
     cos = neighbour_cosines(vec)
     return [LayerProfileRow(x, signal[x].auc, signal[x].effect, cos.get(x)) for x in use]
 

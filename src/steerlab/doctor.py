@@ -322,9 +322,10 @@ def as_built(persona: Persona, vec: SteeringVector) -> Persona:
     so the doctor grades the build's own activations with the build's settings."""
     from dataclasses import replace
 
-    method = vec.method if vec.method in ("mean_diff", "pca", "probe") else "mean_diff"  # optimize: from mean_diff
+    from .methods import estimator_of
+
     pooling = vec.pooling.removesuffix(":chat") or persona.pooling
-    return replace(persona, pooling=pooling, chat=vec.pooling.endswith(":chat"), method=method)
+    return replace(persona, pooling=pooling, chat=vec.pooling.endswith(":chat"), method=estimator_of(vec.method))
 
 
 def checkup(lm, persona, layers: Sequence[int], *, batch_size: int = 16,  # noqa: ANN001

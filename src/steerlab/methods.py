@@ -69,6 +69,12 @@ def probe(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 METHODS: dict[str, Method] = {"mean_diff": mean_diff, "pca": pca, "probe": probe}
 
 
+def estimator_of(method: str) -> str:
+    """The plain estimator behind a vector's ``method``: the one to re-estimate its direction with
+    (``optimize`` and ``mean_centred`` start from the mean difference)."""
+    return method if method in METHODS else "mean_diff"
+
+
 def get_method(method: str | Method) -> tuple[str, Method]:
     """Look a method up by name (or pass a callable through)."""
     if callable(method):
