@@ -18,6 +18,10 @@ they are reported separately. Writes bench/dose_results.json and prints markdown
     python bench/dose_eval.py --concepts tabby_cats --prompts 8
     python bench/dose_eval.py --method mean_centred --windows-from bench/dose_results.json \
         --out bench/dose_results_centred.json      # another direction, same prompts and baselines
+    python bench/dose_eval.py --method mean_diff --layers 4,6,8,10,12,14,16,18,20 \
+        --windows-from bench/dose_results.json --out bench/dose_results_spread.json   # other layers
+    python bench/dose_eval.py --method mean_diff --positions prompt \
+        --windows-from bench/dose_results.json --out bench/dose_results_prompt.json   # other positions
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -70,12 +75,16 @@ def score_rows(lm, emb, prompts, settings, *, persona, penalty, new_tokens, batc
     return out
 
 
-def evaluate_method(lm, emb, name: str, persona, prompts, new_tokens: int, method: str, earlier: dict) -> dict:  # noqa: ANN001
+def evaluate_method(lm, emb, name: str, persona, prompts, new_tokens: int, method: str, earlier: dict,  # noqa: ANN001
+                    positions: str | None = None) -> dict:
     """Another direction method under the default recipe (add + governor, calibrated window): its
     window and doses; today's-default and baseline figures are ``earlier``'s (greedy: the same again)."""
     t = time.perf_counter()
     vec = build_persona(lm, persona, progress=False, method=method)
-    res: dict = {"concept": name, "method": method, "build_s": round(time.perf_counter() - t, 1)}
+    if positions:
+        vec = vec.with_defaults(positions=positions)
+    res: dict = {"concept": name, "method": method, "layers": list(vec.active_layers), "positions": positions or "all",
+                 "build_s": round(time.perf_counter() - t, 1)}
     vec, (w,) = calibrated(lm, vec, governor=True, embedder=emb)
     res["window_before"], res["window_after"] = earlier["window_after"], w.record()
     return score_doses(lm, emb, prompts, vec, persona, new_tokens, earlier, res, t)
@@ -137,6 +146,10 @@ def main() -> None:
     ap.add_argument("--windows-from", default=None, help="reuse an earlier run's windows, today's-default and baseline figures; score only the doses")
     ap.add_argument("--method", default=None, help="measure this direction method (e.g. mean_centred) under the default "
                     "recipe; 'window before', today's default and the baseline come from --windows-from")
+    ap.add_argument("--positions", default=None, help="with --method: steer these positions (all, prompt, generated) "
+                    "instead of the vector's default")
+    ap.add_argument("--layers", default=None, help="with --method: steer at these layers (comma list) instead of each "
+                    "concept's default_layers")
     args = ap.parse_args()
     earlier = {}
     if args.method and not args.windows_from:
@@ -154,8 +167,11 @@ def main() -> None:
     results = []
     for name in names:
         persona = get_persona(str(heldout[name]) if name in heldout else name)
+        if args.layers:
+            persona = replace(persona, default_layers=tuple(int(x) for x in args.layers.split(",")))
         if args.method:
-            r = evaluate_method(lm, emb, name, persona, prompts, args.new_tokens, args.method, earlier[name])
+            r = evaluate_method(lm, emb, name, persona, prompts, args.new_tokens, args.method, earlier[name],
+                                args.positions)
         else:
             r = evaluate(lm, emb, name, persona, prompts, args.new_tokens, earlier.get(name))
         r["held_out_concept"] = name in heldout

@@ -60,6 +60,13 @@ def test_build_generate_compare_list(tiny_dir, persona_file, tmp_path):
     r = run("list", "--vectors", out)
     assert r.exit_code == 0 and "kittens" in r.output and "model=" in r.output
 
+    r = run("calibrate", "kittens", "--positions", "prompt", "--vectors", out, "--model", tiny_dir)
+    assert r.exit_code == 0, r.output
+    r = run("generate", "the cat", "--steer", "kittens", "--vectors", out, "--model", tiny_dir, "--max-new-tokens", "3")
+    assert r.exit_code == 0 and "positions prompt" in r.output and "measured steering positions" not in r.output, r.output
+    r = run("calibrate", "kittens", "--positions", "middle", "--vectors", out, "--model", tiny_dir)
+    assert r.exit_code != 0 and "use all, prompt, generated or from:N" in r.output
+
 
 @pytest.mark.parametrize(
     "args, message",

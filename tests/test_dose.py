@@ -47,6 +47,16 @@ def test_dose_on_other_layers_is_rescaled_and_says_so(tiny_lm):
     assert r.strength == pytest.approx(4.0) and "rescaled for 1 layer" in r.note  # same total push
 
 
+def test_dose_at_other_positions_than_measured_says_so(tiny_lm):
+    vec = windowed(tiny_lm)  # measured (no "positions" recorded: every position)
+    assert resolve(Steer(vec, dose=1.0), tiny_lm.n_layers).note == ""
+    r = resolve(Steer(vec, dose=1.0, positions="prompt"), tiny_lm.n_layers)
+    assert r.strength == pytest.approx(2.0) and "measured steering positions 'all', not 'prompt'" in r.note
+    prompt_vec = vec.with_defaults(positions="prompt",
+                                   windows={"add": {**vec.extra["windows"]["add"], "positions": "prompt"}})
+    assert resolve(Steer(prompt_vec, dose=1.0), tiny_lm.n_layers).note == ""
+
+
 def test_dose_errors_say_what_to_do(tiny_lm):
     plain = random_vector(tiny_lm, [1])
     with pytest.raises(SteeringError, match="steerlab calibrate rand"):

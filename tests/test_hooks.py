@@ -149,6 +149,26 @@ def test_generated_positions_leave_the_prompt_alone(tiny_lm):
     assert torch.allclose(hook(step), step + d)
 
 
+def test_prompt_positions_steer_the_prompt_and_leave_new_tokens_alone(tiny_lm):
+    vec = random_vector(tiny_lm, [1])
+    d = vec.deltas(strength=1.0)[1]
+    hook = _hook(tiny_lm, vec, strength=1.0, positions="prompt")
+    x = torch.randn(2, 6, tiny_lm.hidden_size)
+    assert torch.allclose(hook(x), x + d)  # the prefill: every prompt position
+    step = torch.randn(2, 1, tiny_lm.hidden_size)
+    assert torch.equal(hook(step), step)  # a cached decoding step
+
+
+def test_prompt_positions_in_generation_differ_from_all_and_from_none(tiny_lm):
+    from steerlab.generate import GenerationOptions, generate
+
+    vec = random_vector(tiny_lm, [1, 2])
+    opts = GenerationOptions(max_new_tokens=12)
+    texts = generate(tiny_lm, ["hello there"] * 3, [[], [Steer(vec, scale=40.0)],
+                                                   [Steer(vec, scale=40.0, positions="prompt")]], options=opts)
+    assert len(set(texts)) == 3, texts
+
+
 def test_positions_from_n_use_position_ids(tiny_lm):
     vec = random_vector(tiny_lm, [1])
     d = vec.deltas(strength=1.0)[1]

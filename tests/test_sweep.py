@@ -148,17 +148,17 @@ def test_sweep_command_compares_settings(tiny_dir, tiny_embedder_dir, tmp_path):
     vectors = tmp_path / "vecs"
     assert run("build", persona, "--out", vectors, "--model", tiny_dir).exit_code == 0
     r = run("sweep", "kittens", "--layers", "2", "--strengths", "2", "--prompts", 2, "--max-new-tokens", 4,
-            "--positions", "all,generated", "--norm-preserve", "off,on", "--vectors", vectors, "--model", tiny_dir,
-            "--embedder", tiny_embedder_dir, "--out", tmp_path / "s", "--no-save")
+            "--positions", "all,prompt,generated", "--norm-preserve", "off,on", "--vectors", vectors, "--model",
+            tiny_dir, "--embedder", tiny_embedder_dir, "--out", tmp_path / "s", "--no-save")
     assert r.exit_code == 0, r.output
-    for label in ("pos=all", "pos=generated", "pos=all,norm", "pos=generated,norm"):
+    for label in ("pos=all", "pos=prompt", "pos=generated", "pos=all,norm", "pos=prompt,norm", "pos=generated,norm"):
         assert f"[{label}]" in r.output
-    assert len(json.loads((tmp_path / "s" / "cells.json").read_text())["rows"]) == 5
+    assert len(json.loads((tmp_path / "s" / "cells.json").read_text())["rows"]) == 7
 
 
 @pytest.mark.parametrize("bad, hint", [
     (("--strengths", "a,b"), "comma-separated numbers"),
-    (("--positions", "some"), "choose from all, generated"),
+    (("--positions", "some"), "choose from all, prompt, generated"),
     (("--layers", "99"), "out of range"),
 ])
 def test_sweep_command_rejects_bad_options(tiny_dir, tmp_path, bad, hint):

@@ -90,6 +90,16 @@ def test_generated_positions_hook_steers_last_prompt_token_then_every_new_one():
         steering_extra_args([vec], n_layers=8, hidden_size=8, positions="generated")
 
 
+def test_prompt_positions_hook_steers_the_prompt_only():
+    vec = _vector(layers=(3,))
+    extra = steering_extra_args([(vec, 0.5)], n_layers=8, hidden_size=8, positions="prompt", prompt_tokens=10)
+    fn = pickle.loads(pickle.dumps(extra["apply_hooks"][0]["fn"]))
+    d3 = vec.deltas(strength=0.5)[3]
+    assert torch.equal(fn(_Ctx(3), torch.zeros(6, 8)), d3.expand(6, 8))  # positions 0..5 of a chunked prefill
+    assert torch.equal(fn(_Ctx(3), torch.zeros(4, 8)), d3.expand(4, 8))  # 6..9, the rest of the prompt
+    assert fn(_Ctx(3), torch.zeros(1, 8)) is None  # position 10: generated, untouched
+
+
 def test_payload_errors():
     vec = _vector()
     with pytest.raises(SteeringError, match="hidden size"):

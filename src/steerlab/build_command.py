@@ -134,29 +134,35 @@ def _calibrate(lm: LoadedModel, vec: SteeringVector, others: Iterable[SteeringVe
               help="Layers to measure at (default: the vector's default layers).")
 @click.option("--governor/--no-governor", default=None,
               help="Measure with the coherence governor (default: the vector's).")
+@click.option("--positions", default=None, metavar="all|prompt|generated|from:N",
+              help="Measure steering these positions and make them the vector's default (default: the vector's).")
 @click.option("--default", "make_default", is_flag=True,
               help="Make the widest measured window's operator the vector's default.")
 @vectors_option
 @model_options
 def calibrate(names: tuple[str, ...], operators: str | None, layer_spec: str | None, governor: bool | None,
-              make_default: bool, vectors_dir: Path | None, model_id: str | None, device: str, dtype: str) -> None:
+              positions: str | None, make_default: bool, vectors_dir: Path | None, model_id: str | None, device: str,
+              dtype: str) -> None:
     """Measure (again) the dose window of vectors NAMES: onset, breakdown and dose 1.
 
     Generates greedy replies to 4 neutral prompts at a ladder of strengths in one batch and
     scores them with the sweep's concept and fluency components (docs/dose.md).
     """
     from .layers import parse_layers
-    from .spec import OPERATORS
+    from .spec import OPERATORS, parse_positions
 
     ops = None if operators is None else list(OPERATORS) if operators == "all" else operators.split(",")
     bad = [o for o in ops or [] if o not in OPERATORS]
     if bad:
         raise click.BadParameter(f"unknown operator(s) {', '.join(bad)}: use {', '.join(OPERATORS)} or all",
                                  param_hint="--operator")
+    where = None if positions is None else parse_positions(positions)
     lm = load_lm(model_id, device, dtype)
     store = open_store(lm, vectors_dir)
     for name in names:
         vec = store.get(name)
+        if where is not None:  # a window is measured where the vector steers: these become its default positions
+            vec = vec.with_defaults(positions=where)
         layers = parse_layers(layer_spec, lm.n_layers) if layer_spec else None
         from .calibrate import calibrated, describe_window
 

@@ -46,8 +46,9 @@ def generation_options(f: F) -> F:
                      help="How to steer (default: the vector's, else add); formulas in docs/dose.md."),
         click.option("--governor/--no-governor", default=None,
                      help="Lower a row's steering while its text breaks (default: the vector's)."),
-        click.option("--positions", default=None, metavar="all|generated|from:N",
-                     help="Steer every position (all, the default), only generated tokens, or positions >= N."),
+        click.option("--positions", default=None, metavar="all|prompt|generated|from:N",
+                     help="Steer every position (all, the default), the prompt only, only generated tokens, or "
+                          "positions >= N (docs/dose.md)."),
         click.option("--norm-preserve", is_flag=True, help="Same as --operator add_norm."),
     ]
     for opt in reversed(opts):

@@ -39,7 +39,7 @@ __all__ = ["Hook", "Positions", "RowSteering", "Steer", "SteerLike", "add_at_fro
            "build_deltas", "capture", "run_until_captured", "steer", "steering_rows", "watch"]
 
 Hook = Callable[..., Any]  # a forward hook; a block's output is a tensor or a tuple (hidden state first)
-Positions = Literal["all", "generated"]
+Positions = Literal["all", "prompt", "generated"]
 RowSteering: TypeAlias = Sequence[SteerLike]
 
 
@@ -122,6 +122,8 @@ def _position_mask(positions: str | int, hidden: torch.Tensor,
     if positions == "all":
         return None
     t = hidden.shape[1]
+    if positions == "prompt":  # the forward passes that read the prompt; a cached decoding step reads one token
+        return None if t > 1 else torch.zeros(1, 1, 1, dtype=hidden.dtype, device=hidden.device)
     if positions == "generated":
         if t == 1:
             return None
@@ -138,6 +140,8 @@ def _position_mask(positions: str | int, hidden: torch.Tensor,
 def _apply(g: _Group, h: torch.Tensor, gain: torch.Tensor | None, position_ids: torch.Tensor | None,
            gate: torch.Tensor | None = None) -> torch.Tensor:
     """One group's operator on hidden states ``h`` [rows, T, H] (formulas: :mod:`steerlab.spec`)."""
+    if g.positions == "prompt" and h.shape[1] == 1:  # a decoding step: nothing of this group applies
+        return h
     fit = lambda t: _fit_rows(t, h)  # noqa: E731
     u, amount, on = fit(g.u), fit(g.amount), fit(g.on)
     if g.slot is not None and gate is not None:  # a closed gate is "no term" (not amount 0: target would still act)

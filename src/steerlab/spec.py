@@ -51,6 +51,8 @@ DEFAULT_GOVERNOR = False  # for vectors never calibrated; calibration turns it o
 DEFAULT_DOSE = 0.7  # what a calibrated vector applies when no amount is given
 BLEND_LIMIT = 1.7  # summed push of a blend (1 = one vector at dose 1) past which it is flagged: bench/blend_eval.py
 DOSE_FLOOR = 0.5  # a dose just above 0 starts at this fraction of the onset (measured: below it nothing shows)
+# where an entry steers (besides an int N: absolute positions >= N); docs/dose.md "Positions"
+POSITION_NAMES: tuple[str, ...] = ("all", "prompt", "generated")
 
 
 CONDITION_STATS = ("mean", "peak")
@@ -109,8 +111,9 @@ class Steer:
 
     Give at most one of ``dose`` (0..1 of the measured window), ``strength`` (residual-norm
     units per layer) and ``scale`` (absolute, the seed's ``STRENGTH``). ``positions``: ``all``,
-    ``generated`` (only positions that produce new tokens) or an int ``p`` (absolute positions
-    >= p). ``governor``: let the coherence governor lower this row's steering when it breaks.
+    ``prompt`` (the prompt's positions only: the reply is read from a steered prompt but its own
+    tokens are left alone), ``generated`` (only positions that produce new tokens) or an int ``p``
+    (absolute positions >= p). ``governor``: let the coherence governor lower this row's steering when it breaks.
     ``when``: a :class:`When` condition (None: always applies).
     """
 
@@ -190,20 +193,20 @@ class Resolved:
 
 
 def check_positions(p: str | int) -> str | int:
-    if isinstance(p, bool) or not (p in ("all", "generated") or (isinstance(p, int) and p >= 0)):
-        raise SteeringError(f"positions must be 'all', 'generated' or a position >= 0, not {p!r}")
+    if isinstance(p, bool) or not (p in POSITION_NAMES or (isinstance(p, int) and p >= 0)):
+        raise SteeringError(f"positions must be 'all', 'prompt', 'generated' or a position >= 0, not {p!r}")
     return p
 
 
 def parse_positions(text: str) -> str | int:
-    """``all``, ``generated`` or ``from:N`` / ``N`` (absolute positions >= N)."""
+    """``all``, ``prompt``, ``generated`` or ``from:N`` / ``N`` (absolute positions >= N)."""
     t = text.strip()
-    if t in ("all", "generated"):
+    if t in POSITION_NAMES:
         return t
     try:
         return check_positions(int(t.removeprefix("from:")))
     except ValueError:
-        raise SteeringError(f"positions {text!r}: use all, generated or from:N (e.g. from:5)") from None
+        raise SteeringError(f"positions {text!r}: use all, prompt, generated or from:N (e.g. from:5)") from None
 
 
 def window_key(operator: str, governor: bool) -> str:
@@ -249,8 +252,9 @@ def strength_dose(w: dict, strength: float) -> float:
 
 
 def dose_to_strength(vector: SteeringVector, operator: str, dose: float, layers: Sequence[int],
-                     governor: bool = False) -> tuple[float, str]:
-    """:func:`dose_strength` of the window; rescaled by layer count when ``layers`` differ."""
+                     governor: bool = False, positions: str | int = "all") -> tuple[float, str]:
+    """:func:`dose_strength` of the window; rescaled by layer count when ``layers`` differ, and a note
+    when the window was measured at other ``positions`` (the same strength acts differently there)."""
     w = window(vector, operator, governor)
     fallback = ""
     if w is None and not governor and window(vector, operator, True) is not None:
@@ -271,7 +275,10 @@ def dose_to_strength(vector: SteeringVector, operator: str, dose: float, layers:
         strength *= len(cal_layers) / len(layers)
         note = (f"dose window measured at layers {cal_layers}; rescaled for {len(layers)} layer(s) "
                 f"(calibrate for these layers to measure it)")
-    return strength, "; ".join(x for x in (fallback, note) if x)
+    measured_at = w.get("positions", "all")
+    where = (f"dose window measured steering positions {measured_at!r}, not {positions!r}: the same dose acts "
+             "differently here" if str(measured_at) != str(positions) else "")
+    return strength, "; ".join(x for x in (fallback, note, where) if x)
 
 
 def resolve(item: SteerLike, n_layers: int, *, operator: str | None = None, positions: str | int | None = None,
@@ -308,7 +315,7 @@ def resolve(item: SteerLike, n_layers: int, *, operator: str | None = None, posi
         if not -DOSE_LIMIT <= dose <= DOSE_LIMIT:
             raise SteeringError(f"dose {dose} is outside -{DOSE_LIMIT:g}..{DOSE_LIMIT:g} "
                                 "(1 = the strongest fluent setting)")
-        strength, note = dose_to_strength(vec, op, dose, layers, gov)
+        strength, note = dose_to_strength(vec, op, dose, layers, gov, pos)
     elif strength is None and scale is None:
         strength = vec.default_strength
     if scale is not None and op not in ("add", "add_norm"):

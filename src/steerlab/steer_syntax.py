@@ -106,7 +106,8 @@ def describe_steering(steering, lm) -> str:  # noqa: ANN001
         r = resolve(st, lm.n_layers).describe()
         amount = f"dose {r['dose']} = strength {r['strength']:.3g}" if "dose" in r else \
             f"scale {r['scale']}" if "scale" in r else f"strength {r['strength']:.3g}"
-        extra = (", governor" if r["governor"] else "") + (f"; {r['note']}" if "note" in r else "")
+        extra = ("" if str(r["positions"]) == "all" else f", positions {r['positions']}") + \
+            (", governor" if r["governor"] else "") + (f"; {r['note']}" if "note" in r else "")
         if "when" in r:
             w = r["when"]
             extra += f", only when the {w['on']} reads {w['vector']} {w['stat']} >= {w['threshold']:g}"

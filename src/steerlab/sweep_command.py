@@ -98,7 +98,7 @@ def sweep(name: str, layer_spec: str | None, strengths: str, n_prompts: int, max
 
     strength_list = _floats(strengths, "--strengths")
     norms = _choices(norm_spec, {"off": False, "on": True}, "--norm-preserve") or [False]
-    pos_list = _choices(positions, {"all": "all", "generated": "generated"}, "--positions")
+    pos_list = _choices(positions, {"all": "all", "prompt": "prompt", "generated": "generated"}, "--positions")
     poolings = [p.strip() for p in pooling_spec.split(",")] if pooling_spec else []
     chats = _choices(render_spec, {"plain": False, "chat": True}, "--render")
 

@@ -18,7 +18,7 @@ How a steerlab dose maps onto vllm-lens 1.3.0 (read from its ``_worker_ext.py``;
   rescale to every token's own residual norm, a different unit, so it is never used.
 * positions ``all``: 2-D activations, which vllm-lens adds at every token of the request, prompt
   and generated. ``generated`` (the last prompt position, then every new token) cannot be
-  said with a vllm-lens 1.3.0 vector (see :class:`GeneratedPositions`), so it travels as a
+  said with a vllm-lens 1.3.0 vector (see :class:`PositionSpan`), so it travels as a
   vllm-lens hook doing steerlab's arithmetic.
 * prefix cache: every steered request gets a unique ``cache_salt`` (:func:`steered_cache_salt`),
   or its steered prompt KV blocks would be reused by later plain requests.
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ..vectors import SteeringVector
 
 __all__ = [
-    "AsyncVLLMEngine", "GeneratedPositions", "VLLMEngine", "VLLMModel", "engine_kwargs", "row_deltas",
+    "AsyncVLLMEngine", "PositionSpan", "VLLMEngine", "VLLMModel", "engine_kwargs", "row_deltas",
     "steered_cache_salt", "steering_extra_args",
     "steering_vectors", "vllm_xargs",
 ]
@@ -85,9 +85,9 @@ def _resolved(row: RowSteering, n_layers: int, hidden_size: int) -> list[Resolve
         if res.operator != "add":
             raise SteeringError(f"operator {res.operator!r} needs each hidden state; vllm-lens only adds a fixed "
                                 "vector: use operator 'add' on the vLLM engine, or the transformers engine")
-        if res.positions not in ("all", "generated"):
+        if res.positions not in ("all", "prompt", "generated"):
             raise SteeringError("positions from a given position are not available on the vLLM engine; "
-                                "use 'all' or 'generated'")
+                                "use 'all', 'prompt' or 'generated'")
         out.append(res)
     return out
 
@@ -139,29 +139,31 @@ def _check_vector(vec: SteeringVector, hidden_size: int) -> SteeringVector:
     return vec
 
 
-class GeneratedPositions:
-    """A vllm-lens hook function adding ``deltas[layer]`` at absolute positions >= ``first``.
+class PositionSpan:
+    """A vllm-lens hook function adding ``deltas[layer]`` at absolute positions ``first .. stop-1``.
 
-    steerlab's ``positions="generated"``: ``first`` is the last prompt position, so the prompt
-    is left alone except the position that predicts the first new token, then every new token
-    is steered. vllm-lens 1.3.0 cannot express this with a ``SteeringVector``: its 3-D
+    steerlab's ``positions="generated"``: ``first`` is the last prompt position (no ``stop``), so
+    the prompt is left alone except the position that predicts the first new token, then every
+    new token is steered. ``positions="prompt"``: ``first`` 0, ``stop`` the prompt's length.
+    vllm-lens 1.3.0 cannot express this with a ``SteeringVector``: its 3-D
     (position-indexed) form takes every forward chunk to start at position 0 (it reads
     ``seq_lens`` from the per-layer metadata *dict*), so decode steps are never steered. This
     hook counts the tokens each layer has seen for its request instead (one instance per
     request; exact under chunked prefill).
     """
 
-    def __init__(self, deltas: dict[int, torch.Tensor], first: int) -> None:
+    def __init__(self, deltas: dict[int, torch.Tensor], first: int, stop: int | None = None) -> None:
         self.deltas = {int(k): v.detach().to("cpu", torch.float32) for k, v in deltas.items()}
         self.first = int(first)
+        self.stop = None if stop is None else int(stop)
         self._seen: dict[int, int] = {}
         self._cast: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"deltas": self.deltas, "first": self.first}
+        return {"deltas": self.deltas, "first": self.first, "stop": self.stop}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["deltas"], state["first"])  # type: ignore[misc]
+        self.__init__(state["deltas"], state["first"], state.get("stop"))  # type: ignore[misc]
 
     def __call__(self, ctx: Any, hidden: torch.Tensor) -> torch.Tensor | None:
         layer = int(ctx.layer_idx)
@@ -169,13 +171,14 @@ class GeneratedPositions:
         n = int(hidden.shape[0])
         self._seen[layer] = start + n
         lo = max(self.first - start, 0)
-        if layer not in self.deltas or lo >= n:
+        hi = n if self.stop is None else min(self.stop - start, n)
+        if layer not in self.deltas or lo >= hi:
             return None
         key = (layer, hidden.dtype, hidden.device)
         if key not in self._cast:
             self._cast[key] = self.deltas[layer].to(device=hidden.device, dtype=hidden.dtype)
         out = hidden.clone()
-        out[lo:] += self._cast[key]
+        out[lo:hi] += self._cast[key]
         return out
 
 
@@ -190,20 +193,21 @@ def steering_extra_args(
     """One row's steering as vLLM ``SamplingParams.extra_args`` for vllm-lens (``{}``: none).
 
     ``positions="all"``: ``{"apply_steering_vectors": steering_vectors(...)}``.
-    ``positions="generated"``: ``{"apply_hooks": [...]}`` with a :class:`GeneratedPositions`
-    hook; needs the prompt's token count (``prompt_tokens``).
+    ``positions="generated"`` or ``"prompt"``: ``{"apply_hooks": [...]}`` with a
+    :class:`PositionSpan` hook; needs the prompt's token count (``prompt_tokens``).
     """
-    if positions not in ("all", "generated"):
-        raise SteeringError(f"positions must be 'all' or 'generated', not {positions!r}")
+    if positions not in ("all", "prompt", "generated"):
+        raise SteeringError(f"positions must be 'all', 'prompt' or 'generated', not {positions!r}")
     if positions == "all":
         svs = steering_vectors(row, n_layers=n_layers, hidden_size=hidden_size)
         return {"apply_steering_vectors": svs} if svs else {}
     if prompt_tokens is None or prompt_tokens < 1:
-        raise SteeringError("positions='generated' on vLLM needs prompt_tokens (the prompt's token count, >= 1)")
+        raise SteeringError(f"positions={positions!r} on vLLM needs prompt_tokens (the prompt's token count, >= 1)")
     deltas = row_deltas(row, n_layers=n_layers, hidden_size=hidden_size)
     if not deltas:
         return {}
-    return {"apply_hooks": [{"fn": GeneratedPositions(deltas, prompt_tokens - 1), "layer_indices": sorted(deltas),
+    span = PositionSpan(deltas, 0, prompt_tokens) if positions == "prompt" else PositionSpan(deltas, prompt_tokens - 1)
+    return {"apply_hooks": [{"fn": span, "layer_indices": sorted(deltas),
                              "pre": False}]}
 
 

@@ -84,8 +84,9 @@ class SteerEntry(BaseModel):
     scale: Strength | None = Field(None, description="Absolute scale on the unit direction (the seed's STRENGTH).")
     operator: OperatorName | None = Field(None, description="add, add_norm, target, cap or rotate (docs/dose.md); "
                                                             "default: the vector's.")
-    positions: Literal["all", "generated"] | Annotated[int, Field(ge=0, le=1_000_000)] | None = Field(
-        None, description="Steer every position, only generated ones, or positions >= N; default: the vector's.")
+    positions: Literal["all", "prompt", "generated"] | Annotated[int, Field(ge=0, le=1_000_000)] | None = Field(
+        None, description="Steer every position, the prompt's only, only generated ones, or positions >= N; "
+                          "default: the vector's.")
     governor: bool | None = Field(None, description="Lower this row's steering while its text breaks; "
                                                     "default: the request's, then the vector's.")
     when: ConditionEntry | None = Field(None, description='Only when another vector reads high, e.g. {"vector": '
@@ -115,8 +116,9 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(REPETITION_PENALTY, ge=1.0, le=2.0,
                                       description="1.0 = off; small models loop without it.")
     chat: bool | None = Field(None, description="Use the chat template (default: when the model has one).")
-    positions: Literal["all", "generated"] | None = Field(
-        None, description="Steer every position, or only generated ones (default: the vector's setting).")
+    positions: Literal["all", "prompt", "generated"] | None = Field(
+        None, description="Steer every position, the prompt's only, or only generated ones (default: the vector's "
+                          "setting).")
     stream: bool = Field(False, description="Stream tokens as server-sent events.")
     read: ReadNames = None
 
