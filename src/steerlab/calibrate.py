@@ -340,5 +340,7 @@ def describe_window(w: Window) -> str:
     br = f"{w.breakdown:.3g}" if w.breakdown is not None else f"above {w.rungs[-1].strength:.3g}"
     width = f"{w.width:.1f}x" if w.width is not None else "n/a"
     gov = " + governor" if w.governor else ""
-    return (f"dose window ({w.operator}{gov}, layers {','.join(map(str, w.layers))}): concept from strength {on}, "
+    where = "" if str(w.positions) == "all" else f", positions {w.positions}"
+    layers = ",".join(map(str, w.layers))
+    return (f"dose window ({w.operator}{gov}, layers {layers}{where}): concept from strength {on}, "
             f"breaks at {br} (width {width}); dose 1 = strength {w.max_strength:.3g}  [{w.seconds:.0f} s]")
