@@ -79,7 +79,7 @@ def test_other_hooks_decode_eagerly_and_still_apply(pair):
         assert compiled.generate_settings(comp, {"max_new_tokens": 8}, 4) == {"disable_compile": True}
     assert generate(comp, PROMPTS[0], entry, options=OPTS) == generate(eager, PROMPTS[0], entry, options=OPTS)
     settings = compiled.generate_settings(comp, {"max_new_tokens": 8}, 300)
-    assert settings["cache_implementation"] == "static" and settings["max_cache_len"] == 512
+    assert settings["cache_implementation"] == "static" and settings["max_cache_len"] == 3 * compiled.CACHE_STEP
 
 
 def test_without_enable_nothing_changes(pair, monkeypatch):
