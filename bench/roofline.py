@@ -2,12 +2,15 @@
 
     python bench/roofline.py                       # ~3 min on 2 busy cores
     python bench/roofline.py --threads 1 --repeats 5 --json /tmp/roofline.json
+    python bench/roofline.py --threads 1 --formats float32,float32-compiled --batch 4
 
 1. Bandwidth: torch copies a 256 MiB float32 tensor (bytes read + written) and sums it (bytes read),
    best of 10, with 1 and with 2 threads (numpy's copy as a cross-check).
-2. Decode: the embedded model as float32 (steerlab's default path, cpu_matmul included), bfloat16,
-   ``--quantize int8`` and ``--quantize int4``, all loaded in this one process and timed interleaved:
-   greedy, batch 1, seconds for 1 + N new tokens minus seconds for 1 (so prefill drops out), / N.
+2. Decode: the embedded model as float32 (steerlab's default path, cpu_matmul included), float32 with
+   ``--compile`` (float32-compiled: the decode step as one torch.compile graph over a static KV cache;
+   the first generation, which compiles it, is reported), bfloat16, ``--quantize int8`` and
+   ``--quantize int4``, all loaded in this one process and timed interleaved: greedy, batch 1
+   (``--batch``: more prompts), seconds for 1 + N new tokens minus seconds for 1 (so prefill drops out), / N.
    Bytes per token: every weight a decode step reads once: all linear layers (with their scales),
    norms, one embedding row, and the output head in full (SmolLM2 ties it to the embedding: in
    float32/bfloat16 the embedding matrix *is* the head; quantised, the head is its own int8 copy and
@@ -32,13 +35,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from steerlab.compiled import generate_settings  # noqa: E402
 from steerlab.cpu_matmul import decode_matmuls  # noqa: E402
 from steerlab.generate import encode_prompts  # noqa: E402
 from steerlab.models import LoadedModel, load_model  # noqa: E402
 
-FORMATS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
+FORMATS = {"float32": dict(dtype="float32"), "float32-compiled": dict(dtype="float32", compile=True),
+           "bfloat16": dict(dtype="bfloat16"),
            "int8": dict(dtype="float32", quantize="int8"), "int4": dict(dtype="float32", quantize="int4")}
-PROMPT = "Give me three tips for saving money."
+PROMPTS = ["Give me three tips for saving money.", "Write a haiku about the sea.", "What is a good name for a dog?",
+           "Explain rain to a child.", "Describe your ideal weekend.", "How do I boil an egg?",
+           "Tell me about your favourite city.", "What should I cook tonight?"]
 
 
 def _best(fn, reps: int = 10) -> float:  # noqa: ANN001
@@ -85,10 +92,12 @@ def bytes_per_token(lm: LoadedModel) -> int:
 
 @torch.no_grad()
 def timed(lm: LoadedModel, enc: dict, n: int) -> float:
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
+              eos_token_id=None)
+    kw.update(generate_settings(lm, kw, enc["input_ids"].shape[1]))  # float32-compiled: the static cache, compiled
     t = time.perf_counter()
     with decode_matmuls(lm):
-        lm.model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=None)
+        lm.model.generate(**enc, **kw)
     return time.perf_counter() - t
 
 
@@ -98,6 +107,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--batch", type=int, default=1, choices=range(1, len(PROMPTS) + 1), metavar="1-8",
+                    help="rows per step (the roofline is batch 1; more rows read the same weights once per step)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     thread_counts = [int(x) for x in args.threads.split(",")]
@@ -110,13 +121,18 @@ def main() -> None:
         print(f"| {n} | {r['copy']:.1f} | {r['read']:.1f} | {r['numpy copy']:.1f} |", flush=True)
 
     models = {name: load_model(**FORMATS[name]) for name in names}
-    encs = {name: encode_prompts(lm, [PROMPT], None) for name, lm in models.items()}
+    encs = {name: encode_prompts(lm, PROMPTS[: args.batch], None) for name, lm in models.items()}
     nbytes = {name: bytes_per_token(lm) for name, lm in models.items()}
     res: dict = {"bandwidth": bw, "bytes_per_token": nbytes, "decode": {}}
     for n in thread_counts:
         torch.set_num_threads(n)
         for name, lm in models.items():
-            timed(lm, encs[name], 4)  # warm-up (and cpu_matmul's path choice)
+            t = time.perf_counter()
+            timed(lm, encs[name], 4)  # warm-up (cpu_matmul's path choice; float32-compiled: the compilation)
+            if lm.slots is not None:
+                res.setdefault("compile_s", {})[f"{n}/{name}"] = time.perf_counter() - t
+                print(f"\n{name}: first generation (compiles the decode step) {time.perf_counter() - t:.1f} s",
+                      flush=True)
         one: dict[str, list[float]] = {k: [] for k in models}
         full: dict[str, list[float]] = {k: [] for k in models}
         load0 = os.getloadavg()[0]
@@ -125,7 +141,8 @@ def main() -> None:
                 one[name].append(timed(models[name], encs[name], 1))
                 full[name].append(timed(models[name], encs[name], 1 + args.new_tokens))
         load1 = os.getloadavg()[0]
-        print(f"\n## {n} thread(s): decode at batch 1, {args.new_tokens} new tokens after the first, median of "
+        per = "" if args.batch == 1 else f" (tokens/s: steps per second; each step makes {args.batch} tokens)"
+        print(f"\n## {n} thread(s): decode at batch {args.batch}{per}, {args.new_tokens} new tokens after the first, median of "
               f"{args.repeats} interleaved; load average {load0:.2f} -> {load1:.2f}\n")
         print("| weights | MB read per token | tokens/s | ms per token | GB/s streamed | share of read bandwidth | "
               "vs float32 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

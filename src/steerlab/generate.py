@@ -17,6 +17,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .compiled import generate_settings
 from .conditional import TextGate, condition_vectors, decide, text_gate_for
 from .cpu_matmul import decode_matmuls
 from .defaults import REPETITION_PENALTY
@@ -170,8 +171,11 @@ def generation_kwargs(lm: LoadedModel, opts: GenerationOptions) -> dict:
 
 def run_generate(lm: LoadedModel, **kwargs: Any) -> Any:
     """The one call of ``model.generate`` (every generation path comes here): inside the CPU
-    decode-matmul context, which is measured once per model (:mod:`steerlab.cpu_matmul`).
+    decode-matmul context, which is measured once per model (:mod:`steerlab.cpu_matmul`), and
+    through the compiled decode step where the model has one (:mod:`steerlab.compiled`).
     Steering contexts wrap this call; ``kwargs`` are ``model.generate``'s (see :func:`generation_kwargs`)."""
+    ids = kwargs.get("input_ids")
+    kwargs = {**kwargs, **generate_settings(lm, kwargs, ids.shape[-1] if ids is not None else 0)}
     with decode_matmuls(lm):
         return lm.model.generate(**kwargs)  # type: ignore[operator]  # PreTrainedModel's stub lacks GenerationMixin
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .defaults import REPETITION_PENALTY
-from .options import AliasedOption, F, load_lm, model_options, open_store, quantize_option, vectors_option
+from .options import (AliasedOption, F, compile_option, load_lm, model_options, open_store, quantize_option,
+                      vectors_option)
 from .steer_syntax import STEER_HELP, describe_conditions, describe_steering, steering_from_options
 
 if TYPE_CHECKING:
@@ -68,14 +69,15 @@ def _options(kw: dict[str, Any]) -> GenerationOptions:
 
 def prompt_command(f: F) -> click.Command:
     """A command on one PROMPT with the generation, vectors and model options (generate, compare)."""
-    options = generation_options(vectors_option(quantize_option(model_options(f))))
+    options = generation_options(vectors_option(compile_option(quantize_option(model_options(f)))))
     return click.command()(click.argument("prompt")(options))
 
 
 @prompt_command
 def generate(prompt: str, vectors_dir: Path | None, model_id: str | None, device: str, dtype: str, **kw: Any) -> None:
     """Generate a completion of PROMPT, steered by --steer vectors (none: base model)."""
-    lm = load_lm(model_id, device, dtype, quantize=kw["quantize"])  # first: it says "loading ..." when slow
+    # first: it says "loading ..." when slow
+    lm = load_lm(model_id, device, dtype, quantize=kw["quantize"], compile_decode=kw["compile_decode"])
     from .generate import generate as run, stream
 
     steering = steering_from_options(lm, open_store(lm, vectors_dir), kw) if kw["steers"] else []
@@ -95,7 +97,8 @@ def generate(prompt: str, vectors_dir: Path | None, model_id: str | None, device
 @prompt_command
 def compare(prompt: str, vectors_dir: Path | None, model_id: str | None, device: str, dtype: str, **kw: Any) -> None:
     """Base vs steered completion of PROMPT, generated together in one batch."""
-    lm = load_lm(model_id, device, dtype, quantize=kw["quantize"])  # first: it says "loading ..." when slow
+    # first: it says "loading ..." when slow
+    lm = load_lm(model_id, device, dtype, quantize=kw["quantize"], compile_decode=kw["compile_decode"])
     from .generate import generate as run
 
     steering = steering_from_options(lm, open_store(lm, vectors_dir), kw)

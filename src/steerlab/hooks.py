@@ -33,6 +33,9 @@ from .layers import check_layers
 from .spec import SINK_RATIO, Resolved, Steer, SteerLike, as_steer, check_positions, resolve, resolve_rows
 
 if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from .compiled import DecodeSlots
     from .models import LoadedModel
 
 __all__ = ["Hook", "Positions", "RowSteering", "Steer", "SteerLike", "add_at_front", "add_trainable", "as_steer",
@@ -262,6 +265,11 @@ def steer(
         raise SteeringError("entries with a condition on the text need a gate: generate through "
                             "steerlab.generate (it runs the conditions)")
     adds, groups = plan(lm, resolved)
+    if lm.slots is not None and not groups and gate is None:  # compiled decoding: plain adds as data
+        on_model = {layer: a.to(device=lm.device, dtype=lm.dtype) for layer, a in adds.items()}
+        with lm.slots.holding(on_model, gain, len(resolved)):
+            yield resolved
+        return
     handles = []
     try:
         for layer in sorted(set(adds) | set(groups)):
@@ -273,6 +281,21 @@ def steer(
     finally:
         for h in handles:
             h.remove()
+
+
+def slot_hooks(lm: LoadedModel, slots: DecodeSlots) -> list[RemovableHandle]:
+    """The permanent hooks of compiled decoding (:mod:`steerlab.compiled`): block ``i`` adds
+    ``slots.adds[i] * slots.gain``, read at every call (the same arithmetic as :func:`steer`'s adds)."""
+
+    def make(i: int) -> Hook:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if type(output) is tuple:
+                return (output[0] + _fit_rows(slots.adds[i] * slots.gain, output[0]), *output[1:])
+            return output + _fit_rows(slots.adds[i] * slots.gain, output)
+
+        return hook
+
+    return [block.register_forward_hook(make(i)) for i, block in enumerate(lm.layers)]
 
 
 def _norm_preserving(res: Resolved, n_layers: int) -> Resolved:

