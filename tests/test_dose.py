@@ -240,6 +240,8 @@ def test_governor_thresholds_follow_the_models_measured_entropy(tiny_lm):
     vec = windowed(tiny_lm, governor=True).with_defaults(base_entropy=6.0)
     rows = resolve_rows([[Steer(vec, dose=1.0)], []], tiny_lm.n_layers)
     assert governor_for(tiny_lm, rows, 2).high == pytest.approx(6.0 + HIGH_MARGIN)
+    # an entry steering only the prompt leaves the decoding steps alone: nothing to govern
+    assert governor_for(tiny_lm, resolve_rows([[Steer(vec, dose=1.0, positions="prompt")]], tiny_lm.n_layers), 1) is None
 
 
 def test_the_models_entropy_is_taken_from_a_sibling_vector(tiny_lm):
