@@ -118,14 +118,12 @@ def eos_ids(tok: Any) -> list[int]:
 
 
 def governor_for(lm: LoadedModel, resolved: Sequence[Sequence[Resolved]], n_rows: int) -> Governor | None:
-    """A governor for the rows whose entries ask for one (None when no row does). An entry steering
-    only the prompt has nothing to govern: the governor acts on the decoding steps."""
+    """A governor for the rows with an entry it governs (:attr:`Resolved.governed`; None when no row has one)."""
     rows = resolved if len(resolved) == n_rows else [resolved[0]] * n_rows
-    governs = lambda r: r.governor and r.positions != "prompt"  # noqa: E731
-    governed = [any(governs(r) for r in row) for row in rows]
+    governed = [any(r.governed for r in row) for row in rows]
     if not any(governed):
         return None
-    measured = [r.steer.vector.extra.get("base_entropy") for row in rows for r in row if governs(r)]
+    measured = [r.steer.vector.extra.get("base_entropy") for row in rows for r in row if r.governed]
     base = next((float(e) for e in measured if e is not None), None)
     return Governor.for_model(governed, base, device=lm.device, dtype=lm.dtype)
 

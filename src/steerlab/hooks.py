@@ -122,11 +122,10 @@ class _Group:
 def _position_mask(positions: str | int, hidden: torch.Tensor,
                    position_ids: torch.Tensor | None) -> torch.Tensor | None:
     """[rows or 1, T, 1] mask of the positions to steer (None: all of them)."""
-    if positions == "all":
+    # "prompt": every position of a pass that reads the prompt; _apply skips one-token decoding steps first
+    if positions in ("all", "prompt"):
         return None
     t = hidden.shape[1]
-    if positions == "prompt":  # the forward passes that read the prompt; a cached decoding step reads one token
-        return None if t > 1 else torch.zeros(1, 1, 1, dtype=hidden.dtype, device=hidden.device)
     if positions == "generated":
         if t == 1:
             return None

@@ -170,6 +170,12 @@ class Resolved:
     note: str  # e.g. why a dose was rescaled; "" when nothing to say
     terms: tuple[Term, ...]
 
+    @property
+    def governed(self) -> bool:
+        """The governor watches this entry: it asked for it and steers decoding steps (a ``prompt``
+        entry leaves them alone, so there is nothing to lower)."""
+        return self.governor and self.positions != "prompt"
+
     def describe(self) -> dict:
         """JSON-able record of what was applied (responses, CLI)."""
         d: dict[str, Any] = {"vector": self.steer.vector.name, "operator": self.operator, "layers": list(self.layers),
@@ -194,7 +200,7 @@ class Resolved:
 
 def check_positions(p: str | int) -> str | int:
     if isinstance(p, bool) or not (p in POSITION_NAMES or (isinstance(p, int) and p >= 0)):
-        raise SteeringError(f"positions must be 'all', 'prompt', 'generated' or a position >= 0, not {p!r}")
+        raise SteeringError(f"positions must be {', '.join(map(repr, POSITION_NAMES))} or a position >= 0, not {p!r}")
     return p
 
 
@@ -206,7 +212,7 @@ def parse_positions(text: str) -> str | int:
     try:
         return check_positions(int(t.removeprefix("from:")))
     except ValueError:
-        raise SteeringError(f"positions {text!r}: use all, prompt, generated or from:N (e.g. from:5)") from None
+        raise SteeringError(f"positions {text!r}: use {', '.join(POSITION_NAMES)} or from:N (e.g. from:5)") from None
 
 
 def window_key(operator: str, governor: bool) -> str:

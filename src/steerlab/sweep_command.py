@@ -94,11 +94,12 @@ def sweep(name: str, layer_spec: str | None, strengths: str, n_prompts: int, max
 
     from .embed import load_embedder
     from .personas import available_personas, get_persona
+    from .spec import POSITION_NAMES
     from .sweeps import chosen_vector, run_sweep, write_sweep
 
     strength_list = _floats(strengths, "--strengths")
     norms = _choices(norm_spec, {"off": False, "on": True}, "--norm-preserve") or [False]
-    pos_list = _choices(positions, {"all": "all", "prompt": "prompt", "generated": "generated"}, "--positions")
+    pos_list = _choices(positions, {p: p for p in POSITION_NAMES}, "--positions")
     poolings = [p.strip() for p in pooling_spec.split(",")] if pooling_spec else []
     chats = _choices(render_spec, {"plain": False, "chat": True}, "--render")
 

@@ -18,7 +18,8 @@ How a steerlab dose maps onto vllm-lens 1.3.0 (read from its ``_worker_ext.py``;
   rescale to every token's own residual norm, a different unit, so it is never used.
 * positions ``all``: 2-D activations, which vllm-lens adds at every token of the request, prompt
   and generated. ``generated`` (the last prompt position, then every new token) cannot be
-  said with a vllm-lens 1.3.0 vector (see :class:`PositionSpan`), so it travels as a
+  said with a vllm-lens 1.3.0 vector (see :class:`PositionSpan`), so it (and ``prompt``,
+  the prompt's positions only) travels as a
   vllm-lens hook doing steerlab's arithmetic.
 * prefix cache: every steered request gets a unique ``cache_salt`` (:func:`steered_cache_salt`),
   or its steered prompt KV blocks would be reused by later plain requests.
@@ -44,7 +45,7 @@ import torch
 from ..errors import ModelLoadError, SteeringError
 from ..generate import GenerationOptions, eos_ids
 from ..hooks import Positions, RowSteering, as_steer, steering_rows
-from ..spec import Resolved, Steer, resolve
+from ..spec import POSITION_NAMES, Resolved, Steer, resolve
 from ..models import resolve_model_source
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def _resolved(row: RowSteering, n_layers: int, hidden_size: int) -> list[Resolve
         if res.operator != "add":
             raise SteeringError(f"operator {res.operator!r} needs each hidden state; vllm-lens only adds a fixed "
                                 "vector: use operator 'add' on the vLLM engine, or the transformers engine")
-        if res.positions not in ("all", "prompt", "generated"):
+        if res.positions not in POSITION_NAMES:
             raise SteeringError("positions from a given position are not available on the vLLM engine; "
                                 "use 'all', 'prompt' or 'generated'")
         out.append(res)
@@ -196,7 +197,7 @@ def steering_extra_args(
     ``positions="generated"`` or ``"prompt"``: ``{"apply_hooks": [...]}`` with a
     :class:`PositionSpan` hook; needs the prompt's token count (``prompt_tokens``).
     """
-    if positions not in ("all", "prompt", "generated"):
+    if positions not in POSITION_NAMES:
         raise SteeringError(f"positions must be 'all', 'prompt' or 'generated', not {positions!r}")
     if positions == "all":
         svs = steering_vectors(row, n_layers=n_layers, hidden_size=hidden_size)
